@@ -1,0 +1,365 @@
+"""
+Bidirectional visual-representation learning for radiology report generation with a frozen LLM.
+
+Every component of the paper's Figure 1 and the three losses live in this file:
+
+    image -> ViT-MAE encoder -> Z_v -> visual mapper -> E_v ------> frozen LLM -> report     (Eq. 1, VTC)
+    report + view -> BLIP text encoder -> Z_t -> textual mapper -> E_t -> frozen LLM -> E_g  (Eq. 2, TVC)
+    E_v -> reconstruction mapper -> Z^_v -> MAE decoder -> image                             (L_REC)
+    total = L_VTC + lambda1 * L_TVC + lambda2 * L_REC                                        (Eq. 3)
+
+Only the vision-to-text branch runs at inference (`generate`), so the trained model costs exactly
+what a plain frozen-LLM captioner costs.
+
+Shape notation, used in every comment below:
+    B   batch (studies)               K   images per study (1 for MIMIC-CXR, 2 for IU-Xray)
+    C,H,W  image                      N   patches per image, Np = K * N visual tokens per study
+    P   prompt length (LLM tokens)    L   report length (LLM tokens)   Lt  report length (text-encoder tokens)
+    dv  vision width                  dt  text-encoder width            dL  LLM width
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (BlipTextConfig, BlipTextModel, LlamaForCausalLM, ViTMAEConfig,
+                          ViTMAEForPreTraining)
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    # --- data
+    dataset: str = "demo"            # demo | iu_xray | mimic_cxr: picks the report cleaner and the default paths
+    data_dir: str = "demo_data"      # holds annotation.json and images/ (R2Gen release layout)
+    images_per_study: int = 1        # K: IU-Xray studies carry a frontal and a lateral image, MIMIC-CXR entries one
+    resize: int = 256                # Sec. 4.1: shorter edge resized to 256 ...
+    image_size: int = 224            # ... then a 224 x 224 crop (random for training, centre for evaluation)
+    max_report_tokens: int = 60      # training reports are truncated to this many LLM tokens (references never are)
+    max_text_tokens: int = 64        # text-encoder input (report + view sentence) length cap
+    # --- frozen LLM (vision-to-text decoder and text-to-vision generator)
+    llm: str = "demo_data/llm"       # Hub id or local dir of a causal LM and its tokenizer, loaded frozen
+    llm_dtype: str = "float32"       # bfloat16 at full size: the LLM is frozen, so its weights never need fp32
+    # --- vision encoder / decoder (ViT-MAE)
+    vision: str = ""                 # Hub id or local dir of ViTMAEForPreTraining; "" builds it at random from below
+    patch_size: int = 32             # tiny: 7 x 7 = 49 visual tokens per image keeps the CPU demo fast
+    vision_width: int = 64           # dv
+    vision_layers: int = 2
+    vision_heads: int = 4
+    decoder_width: int = 64          # MAE decoder width
+    decoder_layers: int = 1
+    decoder_heads: int = 4
+    # --- text encoder (BLIP's BERT text model) for the text-to-vision branch
+    text_encoder: str = ""           # Hub id or local dir of a BLIP checkpoint; "" builds it at random from below
+    text_tokenizer: str = ""         # its tokenizer; "" reuses the LLM's tokenizer (the demo)
+    text_width: int = 64             # dt
+    text_layers: int = 2
+    text_heads: int = 4
+    # --- which losses (the paper's ablations, Table 3)
+    t2v: bool = True                 # text-to-vision branch, Eq. 2
+    rec: bool = True                 # image reconstruction branch
+    lambda_t2v: float = 1.0          # lambda1 in Eq. 3 (Sec. 4.1: 1, "without fine-tuning")
+    lambda_rec: float = 1.0          # lambda2 in Eq. 3
+    prompt_v2t: str = "write the findings of this chest x-ray :"   # S_v2t (the paper does not publish its prompts)
+    prompt_t2v: str = "describe the chest x-ray that this report belongs to :"  # S_t2v
+    grad_checkpointing: bool = False # recompute the frozen LLM's activations in backward (on at full size)
+    # --- generation
+    num_beams: int = 3               # Sec. 4.1: beam search of size 3
+    max_new_tokens: int = 60
+    # --- training
+    out_dir: str = "out/demo"
+    epochs: int = 6
+    batch_size: int = 16             # per step, over all ranks (Sec. 4.1: 4 at full size)
+    eval_batch_size: int = 64
+    lr: float = 1e-3                 # the tiny demo learns from scratch in minutes; the paper uses 1e-4
+    min_lr: float = 0.0              # cosine annealing floor
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    num_workers: int = 1
+    seed: int = 0
+    log_every: int = 20              # steps between loss prints
+    ckpt_every: int = 200            # steps between mid-epoch resumable checkpoints
+
+
+def tiny(**overrides) -> Config:
+    """CPU-sized model trained on the built-in demo in a few minutes (the defaults above)."""
+    return Config(**overrides)
+
+
+def paper(**overrides) -> Config:
+    """Sec. 4.1: Llama-2-7B-chat (frozen, bf16), MAE-large encoder/decoder, BLIP-base text encoder."""
+    cfg = dict(
+        llm="meta-llama/Llama-2-7b-chat-hf", llm_dtype="bfloat16",
+        vision="facebook/vit-mae-large", patch_size=16, vision_width=1024,
+        text_encoder="Salesforce/blip-image-captioning-base",
+        text_tokenizer="Salesforce/blip-image-captioning-base", text_width=768,
+        grad_checkpointing=True, batch_size=4, eval_batch_size=16, lr=1e-4, num_workers=8,
+        max_report_tokens=100, max_new_tokens=100, max_text_tokens=128,
+    )
+    cfg.update(overrides)
+    return Config(**cfg)
+
+
+PRESETS = {"tiny": tiny, "paper": paper}
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint, refusing fields this version does not know."""
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields {unknown}; known fields: {sorted(known)}")
+    return Config(**d)
+
+
+# -----------------------------------------------------------------------------
+# Building the pretrained parts (Hub id or local dir, or random from the config)
+
+
+def build_vision(cfg: Config) -> ViTMAEForPreTraining:
+    if cfg.vision:
+        # mask_ratio=0: every patch is encoded (the paper's encoder sees the whole image)
+        return ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0)
+    return ViTMAEForPreTraining(ViTMAEConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        intermediate_size=4 * cfg.vision_width, decoder_hidden_size=cfg.decoder_width,
+        decoder_num_hidden_layers=cfg.decoder_layers, decoder_num_attention_heads=cfg.decoder_heads,
+        decoder_intermediate_size=4 * cfg.decoder_width, mask_ratio=0.0, norm_pix_loss=False))
+
+
+def build_text_encoder(cfg: Config, vocab_size: int, pad_id: int) -> BlipTextModel:
+    # is_decoder=False: a text *encoder* (bidirectional attention, no cross-attention blocks, whose
+    # parameters would never receive a gradient); no pooler, which nothing here uses.
+    if cfg.text_encoder:
+        return BlipTextModel.from_pretrained(cfg.text_encoder, is_decoder=False, add_pooling_layer=False)
+    return BlipTextModel(BlipTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
+        encoder_hidden_size=cfg.text_width, max_position_embeddings=max(512, cfg.max_text_tokens),
+        is_decoder=False, pad_token_id=pad_id, bos_token_id=pad_id, sep_token_id=pad_id),
+        add_pooling_layer=False)
+
+
+def load_frozen_llm(cfg: Config) -> LlamaForCausalLM:
+    llm = LlamaForCausalLM.from_pretrained(cfg.llm, dtype=getattr(torch, cfg.llm_dtype))
+    # The one place the LLM is frozen (Sec. 3: "this design ensures the LLM remains frozen").
+    llm.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        # Non-reentrant checkpointing (the v5 default): gradients still reach inputs_embeds, and so
+        # E_v and E_t, although no LLM parameter requires grad.
+        llm.activation_checkpointing_enable()
+    return llm
+
+
+def left_align(x, mask):
+    """Move each row's padding to the left: (B, T, d), (B, T) -> same, valid items right-aligned.
+
+    The text-to-vision input is [S_t2v, E_t (right-padded), E_v]; left-aligning [S_t2v, E_t] makes the
+    visual positions the same last Np positions in every row."""
+    B, T = mask.shape
+    shift = T - mask.sum(1, keepdim=True)                                   # (B, 1) pads per row
+    idx = (torch.arange(T, device=mask.device).unsqueeze(0) - shift) % T    # (B, T) roll right by shift
+    x = torch.gather(x, 1, idx.unsqueeze(-1).expand_as(x))
+    return x, torch.gather(mask, 1, idx)
+
+
+def position_ids_from_mask(mask):
+    """Positions that skip padding, so a padded row computes exactly what it computes alone."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class ReportGenerator(nn.Module):
+
+    def __init__(self, cfg: Config, llm: LlamaForCausalLM, tokenizer, text_tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm
+        dL = llm.config.hidden_size
+        mae = build_vision(cfg)
+        self.vision_encoder = mae.vit                                 # g_v, theta_v
+        dv = mae.config.hidden_size
+        self.patch_size = mae.config.patch_size
+        self.visual_mapper = nn.Linear(dv, dL)                        # m_v
+        if cfg.t2v:
+            text_tokenizer = text_tokenizer or tokenizer
+            self.text_encoder = build_text_encoder(cfg, len(text_tokenizer), text_tokenizer.pad_token_id)  # g_t
+            self.text_mapper = nn.Linear(self.text_encoder.config.hidden_size, dL)                          # m_t
+        if cfg.rec:
+            self.rec_mapper = nn.Linear(dL, dv)                       # m'_v
+            self.vision_decoder = mae.decoder                         # g_vd, theta_vd
+            # No patch is ever masked (mask_ratio 0), so the mask token takes no part in the loss.
+            self.vision_decoder.mask_token.requires_grad_(False)
+        # Prompts are tokenized once here, never in forward. They start with the tokenizer's BOS, as
+        # every sequence the LLM was pre-trained on does.
+        for name, text in (("prompt_v2t", cfg.prompt_v2t), ("prompt_t2v", cfg.prompt_t2v)):
+            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
+            self.register_buffer(name, torch.tensor(ids), persistent=False)  # (P,)
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    # --- vision -------------------------------------------------------------
+
+    def encode_image(self, pixel_values):
+        """g_v: (B, K, C, H, W) -> Z_v (B, Np, dv), every patch of every image in natural order."""
+        B, K = pixel_values.shape[:2]
+        x = pixel_values.flatten(0, 1)                                 # (B*K, C, H, W)
+        N = (x.shape[-1] // self.patch_size) * (x.shape[-2] // self.patch_size)
+        # At mask_ratio 0 ViT-MAE still shuffles the patches by random noise; an increasing ramp keeps
+        # them in their natural (raster) order, so visual token i is always patch i.
+        noise = torch.arange(N, device=x.device, dtype=torch.float32).expand(x.shape[0], N)
+        z = self.vision_encoder(pixel_values=x, noise=noise).last_hidden_state  # (B*K, 1+N, dv)
+        z = z[:, 1:]                                                   # drop CLS: (B*K, N, dv)
+        return z.reshape(B, K * N, -1)                                 # (B, Np, dv): images in order
+
+    def visual_embeddings(self, pixel_values):
+        """E_v = m_v(g_v(I)): (B, K, C, H, W) -> (B, Np, dL), the LLM's input-embedding space."""
+        return self.visual_mapper(self.encode_image(pixel_values))
+
+    def patchify(self, imgs):
+        """(B, C, H, W) -> (B, N, p*p*C), MAE's patch layout (the decoder predicts this)."""
+        p = self.patch_size
+        B, C, H, W = imgs.shape
+        x = imgs.reshape(B, C, H // p, p, W // p, p)
+        x = torch.einsum("bchpwq->bhwpqc", x)
+        return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+    # --- the three losses ---------------------------------------------------
+
+    def _embed(self, ids):
+        return self.llm.get_input_embeddings()(ids)
+
+    def _llm_hidden(self, embeds, mask):
+        """Last hidden states of the frozen LLM (after its final norm), without the vocabulary head."""
+        out = self.llm.model(inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask,
+                             position_ids=position_ids_from_mask(mask), use_cache=False)
+        return out.last_hidden_state                                   # (B, T, dL)
+
+    def loss_v2t(self, E_v, report_ids, report_mask):
+        """Eq. 1, L_VTC: next-token NLL of the report given [S_v2t, E_v, T_<k].
+
+        report_ids (B, L) end with EOS and are right-padded (report_mask 0). The mean over real report
+        tokens is used instead of Eq. 1's sum, so the loss scale does not depend on report length."""
+        B, Np, _ = E_v.shape
+        prompt = self._embed(self.prompt_v2t).expand(B, -1, -1)        # (B, P, dL)
+        x = torch.cat([prompt, E_v.to(prompt.dtype), self._embed(report_ids[:, :-1])], 1)  # (B, P+Np+L-1, dL)
+        mask = torch.cat([torch.ones(B, prompt.shape[1] + Np, dtype=report_mask.dtype,
+                                     device=E_v.device), report_mask[:, :-1]], 1)
+        L = report_ids.shape[1]
+        h = self._llm_hidden(x, mask)[:, -L:]                           # (B, L, dL): positions that predict t_1..t_L
+        logits = self.llm.lm_head(h).float()                            # vocabulary head on report positions only
+        targets = report_ids.masked_fill(report_mask == 0, -100)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def loss_t2v(self, E_v, text_ids, text_mask):
+        """Eq. 2, L_TVC = 1/Np sum_i ||E_v,i - E_g,i||^2 (batch mean).
+
+        The frozen LLM reads [S_t2v, E_t, E_v,1..Np-1] (teacher forcing) and its last hidden state at
+        the position just before visual token i is E_g,i: the last text position predicts E_v,1, the
+        position of E_v,1 predicts E_v,2, and so on."""
+        B, Np, _ = E_v.shape
+        E_t = self.text_mapper(self.text_encoder(input_ids=text_ids, attention_mask=text_mask)
+                               .last_hidden_state)                      # (B, Lt, dL)
+        prompt = self._embed(self.prompt_t2v).expand(B, -1, -1)        # (B, P, dL)
+        x = torch.cat([prompt, E_t.to(prompt.dtype)], 1)                # (B, P+Lt, dL)
+        mask = torch.cat([torch.ones(B, prompt.shape[1], dtype=text_mask.dtype,
+                                     device=text_mask.device), text_mask], 1)
+        x, mask = left_align(x, mask)                                   # padding first, text last
+        # E_v enters twice. As the *input* it is detached: Eq. 5 writes the prediction as E_g(theta_t),
+        # a function of the text side only, and letting theta_v shape its own teacher-forcing inputs
+        # would let the vision encoder make the target easy to predict instead of informative.
+        # As the *target* it is not detached: Eq. 5 treats L_TVC as a function of E_v(theta_v) -- the
+        # regularisation that pulls the visual embeddings towards what the LLM derives from the report.
+        x = torch.cat([x, E_v[:, :-1].detach().to(x.dtype)], 1)        # (B, P+Lt+Np-1, dL)
+        mask = torch.cat([mask, torch.ones(B, Np - 1, dtype=mask.dtype, device=mask.device)], 1)
+        E_g = self._llm_hidden(x, mask)[:, -Np:].float()                # (B, Np, dL)
+        return (E_v.float() - E_g).pow(2).sum(-1).mean()
+
+    def loss_rec(self, E_v, pixel_values):
+        """L_REC: pixel MSE of the MAE decoder's reconstruction from E_v alone.
+
+        Z^_v = m'_v(E_v); the decoder expects a CLS token at position 0, for which a zero vector is
+        given, so nothing but E_v reaches the decoder (the encoder's own CLS would be a shortcut around
+        E_v). MAE's built-in loss averages over masked patches only, which is NaN at mask ratio 0."""
+        B, K = pixel_values.shape[:2]
+        z = self.rec_mapper(E_v)                                        # (B, Np, dv)
+        z = z.reshape(B * K, -1, z.shape[-1])                           # (B*K, N, dv)
+        z = torch.cat([z.new_zeros(B * K, 1, z.shape[-1]), z], 1)       # (B*K, 1+N, dv)
+        N = z.shape[1] - 1
+        ids_restore = torch.arange(N, device=z.device).expand(B * K, N)  # identity: nothing was shuffled
+        pred = self.vision_decoder(z, ids_restore).logits               # (B*K, N, p*p*C)
+        target = self.patchify(pixel_values.flatten(0, 1))              # (B*K, N, p*p*C)
+        return F.mse_loss(pred.float(), target.float())
+
+    def forward(self, pixel_values, report_ids, report_mask, text_ids=None, text_mask=None):
+        """Eq. 3: L_TOTAL = L_VTC + lambda1 L_TVC + lambda2 L_REC. Returns every term for logging."""
+        E_v = self.visual_embeddings(pixel_values)                      # (B, Np, dL)
+        losses = {"v2t": self.loss_v2t(E_v, report_ids, report_mask)}
+        total = losses["v2t"]
+        if self.cfg.t2v:
+            losses["t2v"] = self.loss_t2v(E_v, text_ids, text_mask)
+            total = total + self.cfg.lambda_t2v * losses["t2v"]
+        if self.cfg.rec:
+            losses["rec"] = self.loss_rec(E_v, pixel_values)
+            total = total + self.cfg.lambda_rec * losses["rec"]
+        losses["loss"] = total
+        return losses
+
+    # --- inference: the vision-to-text branch alone -------------------------
+
+    @torch.no_grad()
+    def generate(self, pixel_values, num_beams=None, max_new_tokens=None):
+        """Batched beam search from [S_v2t, E_v]: (B, K, C, H, W) -> list of B token-id lists.
+
+        Touches only the vision encoder, the visual mapper and the frozen LLM."""
+        E_v = self.visual_embeddings(pixel_values)                      # (B, Np, dL)
+        B = E_v.shape[0]
+        prompt = self._embed(self.prompt_v2t).expand(B, -1, -1)
+        prefix = torch.cat([prompt, E_v.to(prompt.dtype)], 1)           # (B, P+Np, dL)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        return self.generate_from_embeds(prefix, mask, num_beams, max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_embeds(self, prefix, mask, num_beams=None, max_new_tokens=None):
+        """Beam search after a (left-padded) batch of prefix embeddings (B, T, dL), mask (B, T)."""
+        out = self.llm.generate(
+            inputs_embeds=prefix.to(self.llm.dtype), attention_mask=mask,
+            num_beams=num_beams or self.cfg.num_beams, do_sample=False,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id)       # (B, <=max_new_tokens): new tokens only
+        rows = []
+        for row in out.tolist():
+            row = row[:row.index(self.eos_id)] if self.eos_id in row else row
+            rows.append([t for t in row if t != self.pad_id])
+        return rows
+
+    # --- what is trained and saved ------------------------------------------
+
+    def trainable_state_dict(self):
+        """Every weight except the frozen LLM's: what a checkpoint holds."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def load_trainable_state_dict(self, sd):
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match this model: missing {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}")
+
+    def parameter_counts(self):
+        """Parameters per component, and how many are trained."""
+        groups = {"llm (frozen)": self.llm, "vision_encoder": self.vision_encoder,
+                  "visual_mapper": self.visual_mapper}
+        for name in ("text_encoder", "text_mapper", "rec_mapper", "vision_decoder"):
+            if hasattr(self, name):
+                groups[name] = getattr(self, name)
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in groups.items()}
+        counts["trained"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return counts

@@ -1,0 +1,190 @@
+"""The model's behaviour: what is frozen, where gradients go, the alignments of Eq. 2, inference."""
+import copy
+
+import pytest
+import torch
+
+from model import ReportGenerator, left_align, load_frozen_llm, tiny
+
+
+def build(llm_dir, tokenizer, **overrides):
+    torch.manual_seed(0)
+    cfg = tiny(llm=llm_dir, **overrides)
+    return ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
+
+
+def batch(tokenizer, B=2, K=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reports = ["the heart is normal . no pleural effusion .",
+               "the heart is enlarged . small left pleural effusion . tube in place ."][:B]
+    ids, mask = [], []
+    for r in reports:
+        row = tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids.append(row)
+    L = max(map(len, ids))
+    report_mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in ids])
+    report_ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in ids])
+    text = tokenizer([r + " view : frontal ." for r in reports], padding=True, return_tensors="pt")
+    return dict(pixel_values=torch.randn(B, K, 3, 224, 224, generator=g), report_ids=report_ids,
+                report_mask=report_mask, text_ids=text.input_ids, text_mask=text.attention_mask)
+
+
+def test_llm_is_frozen_and_bit_identical_after_a_step(llm_dir, tokenizer):
+    model = build(llm_dir, tokenizer, grad_checkpointing=True)
+    before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**batch(tokenizer))["loss"].backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    opt.step()
+    after = model.llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+@pytest.mark.parametrize("t2v,rec", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_trainable_parameter_gets_a_gradient(llm_dir, tokenizer, t2v, rec):
+    model = build(llm_dir, tokenizer, t2v=t2v, rec=rec, grad_checkpointing=True)
+    model.train()
+    losses = model(**batch(tokenizer))
+    assert set(losses) == {"v2t", "loss"} | ({"t2v"} if t2v else set()) | ({"rec"} if rec else set())
+    losses["loss"].backward()
+    silent = [n for n, p in model.named_parameters()
+              if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert silent == []
+    # switching a branch off removes its modules, so DDP never sees an unused trainable parameter
+    assert hasattr(model, "text_encoder") == t2v and hasattr(model, "vision_decoder") == rec
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llm_dir, tokenizer):
+    grads = []
+    for gc in (False, True):
+        model = build(llm_dir, tokenizer, grad_checkpointing=gc)
+        model.train()
+        model(**batch(tokenizer))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_t2v_alignment_is_shifted_by_one(llm_dir, tokenizer):
+    """With an 'LLM' whose hidden state is its input plus delta, the right alignment (the position just
+    before visual token i predicts E_v,i; padding never sits between the text and E_v) makes L_TVC exactly
+    zero for E_v,i = E_v,0 + i*delta and a last text embedding of E_v,0 - delta. Any off-by-one or a pad
+    position used as a predictor gives a large loss."""
+    model = build(llm_dir, tokenizer, rec=False)
+    dL, Np = model.llm.config.hidden_size, 6
+    delta, v0 = torch.randn(dL), torch.randn(dL)
+    E_v = (v0 + torch.arange(Np).unsqueeze(1) * delta).expand(2, Np, dL).clone()
+
+    def fake_hidden(x, mask):
+        return torch.where(mask.unsqueeze(-1).bool(), x + delta, torch.full_like(x, 1e3))
+
+    model._llm_hidden = fake_hidden
+    with torch.no_grad():                         # every text position maps to v0 - delta
+        model.text_mapper.weight.zero_()
+        model.text_mapper.bias.copy_(v0 - delta)
+    text_ids = torch.tensor([[2, 5, 6, 7, 3], [2, 5, 3, 0, 0]])         # different lengths: padding
+    text_mask = (text_ids != 0).long()
+    assert model.loss_t2v(E_v, text_ids, text_mask).item() == pytest.approx(0.0, abs=1e-8)
+    shifted = torch.cat([E_v[:, 1:], E_v[:, -1:] + delta], 1)            # targets one step early
+    assert model.loss_t2v(shifted, text_ids, text_mask).item() > 0.1
+
+
+def test_t2v_loss_of_a_padded_batch_equals_each_row_alone(llm_dir, tokenizer):
+    model = build(llm_dir, tokenizer, rec=False)
+    b = batch(tokenizer)
+    E_v = torch.randn(2, 49, model.llm.config.hidden_size)
+    both = model.loss_t2v(E_v, b["text_ids"], b["text_mask"])
+    alone = [model.loss_t2v(E_v[i:i + 1], b["text_ids"][i:i + 1, :b["text_mask"][i].sum()],
+                            b["text_mask"][i:i + 1, :b["text_mask"][i].sum()]) for i in range(2)]
+    assert b["text_mask"][0].sum() != b["text_mask"][1].sum()
+    assert torch.allclose(both, (alone[0] + alone[1]) / 2, atol=1e-5)
+
+
+def test_left_align():
+    x = torch.arange(8.).reshape(2, 4, 1)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    y, m = left_align(x, mask)
+    assert y[0, :, 0].tolist()[2:] == [0., 1.] and m[0].tolist() == [0, 0, 1, 1]
+    assert torch.equal(y[1], x[1])
+
+
+def test_visual_tokens_are_in_natural_patch_order(llm_dir, tokenizer):
+    """With the transformer blocks made identities, token i sees patch i only: changing patch i of the
+    image must change visual token i and no other (a shuffled order would move the change elsewhere)."""
+    model = build(llm_dir, tokenizer, t2v=False, rec=False)
+    with torch.no_grad():
+        for layer in model.vision_encoder.layers:
+            for lin in (layer.attention.o_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    x = torch.randn(1, 1, 3, 224, 224)
+    p, per_row = model.patch_size, 224 // model.patch_size
+    for i in (0, 9, 30, 48):
+        y = x.clone()
+        r, c = divmod(i, per_row)
+        y[..., r * p:(r + 1) * p, c * p:(c + 1) * p] += 1.0
+        changed = (model.encode_image(x) - model.encode_image(y)).abs().sum(-1)[0] > 1e-6
+        assert changed.nonzero().flatten().tolist() == [i]
+
+
+def test_patchify_matches_mae(llm_dir, tokenizer):
+    from model import build_vision
+    model = build(llm_dir, tokenizer, t2v=False)
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(model.patchify(x), build_vision(model.cfg).patchify(x))
+
+
+def test_reconstruction_of_a_constant_image_is_learnable(llm_dir, tokenizer):
+    model = build(llm_dir, tokenizer, t2v=False)
+    x = torch.full((2, 1, 3, 224, 224), 0.7)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model.loss_rec(model.visual_embeddings(x), x)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3 < first
+
+
+def test_generation_with_left_padding_equals_one_at_a_time(llm_dir, tokenizer):
+    model = build(llm_dir, tokenizer).eval()
+    dL = model.llm.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    prefixes = [torch.randn(n, dL, generator=g) for n in (9, 6, 7)]
+    T = max(len(p) for p in prefixes)
+    padded = torch.stack([torch.cat([torch.zeros(T - len(p), dL), p]) for p in prefixes])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prefixes])
+    together = model.generate_from_embeds(padded, mask, num_beams=3, max_new_tokens=12)
+    alone = [model.generate_from_embeds(p[None], torch.ones(1, len(p), dtype=torch.long),
+                                        num_beams=3, max_new_tokens=12)[0] for p in prefixes]
+    assert together == alone
+    assert any(len(r) > 0 for r in alone)
+
+
+def test_generation_does_not_depend_on_t2v_or_rec(llm_dir, tokenizer):
+    """Inference runs the vision-to-text branch alone: a model trained with T2V and Rec generates exactly
+    what the same weights generate without those modules, and never calls them."""
+    full = build(llm_dir, tokenizer, t2v=True, rec=True).eval()
+    v2t = build(llm_dir, tokenizer, t2v=False, rec=False).eval()
+    v2t.load_state_dict({k: v for k, v in full.state_dict().items() if k in v2t.state_dict()})
+    called = []
+    for name in ("text_encoder", "text_mapper", "rec_mapper", "vision_decoder"):
+        getattr(full, name).register_forward_hook(lambda *a, name=name: called.append(name))
+    x = batch(tokenizer, B=2)["pixel_values"]
+    assert full.generate(x, max_new_tokens=10) == v2t.generate(x, max_new_tokens=10)
+    assert called == []
+
+
+def test_checkpoint_state_excludes_the_llm(llm_dir, tokenizer):
+    model = build(llm_dir, tokenizer)
+    sd = model.trainable_state_dict()
+    assert sd and not any(k.startswith("llm.") for k in sd)
+    other = build(llm_dir, tokenizer)
+    other.load_trainable_state_dict(copy.deepcopy(sd))
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+    with pytest.raises(ValueError, match="missing"):
+        other.load_trainable_state_dict({k: v for k, v in sd.items() if "visual_mapper" not in k})
