@@ -1,0 +1,303 @@
+"""
+Data loading for radiology report generation: R2Gen's annotation.json, report cleaning, images,
+a Dataset, and the collate that tokenizes (tokenization happens here, never in the model).
+
+The real datasets (IU-Xray, MIMIC-CXR) and the built-in demo (demo.py writes its data in the same
+layout) go through exactly this code.
+"""
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+import torchvision.transforms.functional as TF
+
+
+class DataError(ValueError):
+    """Every bad-input error; the message names the file, the record and what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# report cleaning: R2Gen's rules (Chen et al., 2020), so our BLEU/ROUGE/METEOR are comparable
+
+# R2Gen's character class is '[.,?;*!%^&_+():-\[\]{}]'. Inside it ':-\[' is a *range* (':' to '['),
+# so it also removes '<=>@' (and A-Z, already lowercased) but NOT the hyphen: "x-ray" survives.
+# We spell that set out instead of relying on the range.
+_PUNCT = re.compile(r"[.,?;*!%^&_+():<=>@\[\]{}]")
+
+
+def _clean_sentences(text: str) -> str:
+    """Split on '. ', clean each sentence, drop empty ones, join as 'a b . c d .' ('' if none is left)."""
+    sentences = []
+    for sent in text.strip().lower().split(". "):
+        for ch in "\"/\\'":
+            sent = sent.replace(ch, "")
+        sent = _PUNCT.sub("", sent.strip())
+        sent = " ".join(sent.split())  # collapse the spaces that removed characters leave behind
+        if sent:  # R2Gen keeps empty sentences (its '!= []' test is always true); we drop them
+            sentences.append(sent)
+    return " . ".join(sentences) + " ." if sentences else ""
+
+
+def _collapse(text: str, pair: str, single: str) -> str:
+    while pair in text:
+        text = text.replace(pair, single)
+    return text
+
+
+def _drop_list_markers(text: str) -> str:
+    # R2Gen's exact rules: '1. ' goes; ' 2. ' .. ' 5. ' become a sentence break
+    text = text.replace("1. ", "")
+    for n in range(2, 6):
+        text = text.replace(f". {n}. ", ". ")
+    for n in range(2, 6):
+        text = text.replace(f" {n}. ", ". ")
+    return text
+
+
+def clean_report_iu_xray(report: str) -> str:
+    """
+    R2Gen's IU-Xray cleaning:
+    1. '..' -> '.', repeatedly;
+    2. numbered list markers: '1. ' removed, ' 2. ' .. ' 5. ' turned into sentence breaks
+       (R2Gen applies them to IU-Xray too);
+    3. strip, lowercase, split into sentences on '. ';
+    4. per sentence: remove quotes, slashes, backslashes and the characters .,?;*!%^&_+():<=>@[]{},
+       strip, collapse runs of spaces;
+    5. drop empty sentences, join with ' . ' and end with ' .'.
+    "The heart is normal in size.. No effusion." -> "the heart is normal in size . no effusion ."
+    """
+    return _clean_sentences(_drop_list_markers(_collapse(report, "..", ".")))
+
+
+def clean_report_mimic_cxr(report: str) -> str:
+    """
+    R2Gen's MIMIC-CXR cleaning: first newlines -> spaces, '__+' -> '_', runs of spaces -> one space,
+    '..' -> '.' (all repeatedly), then the IU-Xray rules 2-5 (list markers, sentences, characters).
+    """
+    text = report.replace("\n", " ")
+    text = _collapse(text, "__", "_")
+    text = _collapse(text, "  ", " ")
+    text = _collapse(text, "..", ".")
+    return _clean_sentences(_drop_list_markers(text))
+
+
+CLEANERS = {"iu_xray": clean_report_iu_xray, "mimic_cxr": clean_report_mimic_cxr}
+
+# -----------------------------------------------------------------------------
+# annotation.json
+
+SPLITS = ("train", "val", "test")
+VIEWS = ("frontal", "lateral")
+
+
+@dataclass
+class Record:
+    id: str
+    report: str  # raw report as in the annotation
+    image_paths: list[str]  # relative to the images root, in order
+    split: str
+    views: list[str] | None  # "frontal"/"lateral" per image if the annotation has "views", else None
+
+
+def load_annotation(path, split: str, images_root) -> list[Record]:
+    """Read one split of R2Gen's annotation.json, refusing anything the training loop would trip on later."""
+    if split not in SPLITS:
+        raise DataError(f"{path}: unknown split {split!r}; expected one of {SPLITS}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ann = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation ({e.strerror})") from e
+    if not isinstance(ann, dict) or split not in ann:
+        raise DataError(f"{path}: no split {split!r} at the top level")
+    if not isinstance(ann[split], list):
+        raise DataError(f"{path}: split {split!r} is not a list of records")
+
+    records, seen = [], set()
+    for i, entry in enumerate(ann[split]):
+        rid = entry.get("id") if isinstance(entry, dict) else None
+        where = f"{path}: split {split!r}, record " + (repr(rid) if isinstance(rid, str) else f"#{i}")
+
+        def fail(problem):
+            raise DataError(f"{where}: {problem}")
+
+        if not isinstance(entry, dict):
+            fail(f"is a {type(entry).__name__}, not an object")
+        for key, typ in (("id", str), ("report", str), ("image_path", list), ("split", str)):
+            if key not in entry:
+                fail(f"missing key {key!r}")
+            if not isinstance(entry[key], typ):
+                fail(f"{key!r} should be a {typ.__name__}, got {type(entry[key]).__name__}")
+        if entry["id"] in seen:
+            fail("duplicate id")
+        seen.add(entry["id"])
+        if entry["split"] != split:
+            fail(f"its 'split' field says {entry['split']!r} but it is listed under {split!r}")
+        if not entry["report"].strip():
+            fail("empty report")
+        paths = entry["image_path"]
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            fail(f"'image_path' should be a non-empty list of paths, got {paths!r}")
+        # the collate stacks images into (B, K, C, H, W), so K must be the same for the whole split
+        if records and len(paths) != len(records[0].image_paths):
+            fail(f"has {len(paths)} images but record {records[0].id!r} has {len(records[0].image_paths)}")
+        views = entry.get("views")
+        if views is not None:
+            if not isinstance(views, list) or len(views) != len(paths):
+                fail(f"'views' should be a list of {len(paths)} (one per image), got {views!r}")
+            if any(v not in VIEWS for v in views):
+                fail(f"'views' has a value not in {VIEWS}: {views!r}")
+        for p in paths:
+            if not os.path.isfile(os.path.join(images_root, p)):
+                fail(f"image file {os.path.join(images_root, p)} does not exist")
+        records.append(Record(entry["id"], entry["report"], list(paths), split, views))
+    return records
+
+
+# -----------------------------------------------------------------------------
+# images
+
+# MAE was pre-trained on ImageNet with these statistics, so its inputs must be normalised the same way
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path) -> Image.Image:
+    """Open an X-ray as 8-bit RGB: grayscale is copied to 3 channels, 16-bit is scaled (not clipped)."""
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated or corrupt file fails here and not in a worker later
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for bad files
+        raise DataError(f"{path}: cannot read image ({e})") from e
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit PNGs (e.g. converted from DICOM): map the full 0..65535 range linearly onto 0..255.
+        # PIL's own convert('L') clips at 255, which turns such an image almost white.
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def image_transform(img, train: bool, rng: random.Random, resize=256, crop=224) -> torch.Tensor:
+    """PIL image -> (3, crop, crop) normalised tensor, as in the paper (Sec. 4.1): shorter edge to
+    `resize` keeping the aspect, then a random crop (train) or the centre crop (eval).
+    The paper crops at random at inference too; we use the centre so evaluation is deterministic.
+    No horizontal flip (R2Gen has one): it would swap the patient's left and right, which reports name."""
+    img = TF.resize(img, resize)  # an int resizes the shorter edge
+    w, h = img.size
+    if train:
+        top, left = rng.randint(0, h - crop), rng.randint(0, w - crop)
+    else:
+        top, left = round((h - crop) / 2), round((w - crop) / 2)
+    x = TF.to_tensor(TF.crop(img, top, left, crop, crop))  # (3, crop, crop) in [0, 1]
+    return TF.normalize(x, MEAN, STD)
+
+
+# -----------------------------------------------------------------------------
+# dataset
+
+
+class ReportDataset(torch.utils.data.Dataset):
+    def __init__(self, records, images_root, cleaner, train: bool, resize=256, crop=224, seed=0):
+        self.records = records
+        self.images_root = images_root
+        self.reports = [cleaner(r.report) for r in records]  # clean once, not every epoch
+        self.train, self.resize, self.crop, self.seed = train, resize, crop, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        # call before iterating: workers get a copy of the dataset when the iterator is created
+        # (with persistent_workers=True they would keep the old epoch)
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i) -> dict:
+        rec = self.records[i]
+        # training crops are a pure function of (seed, epoch, index): a resumed run sees exactly the
+        # same crops, and DataLoader workers carry no RNG state. (A str seed is hashed with SHA-512,
+        # so it does not depend on PYTHONHASHSEED.)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        images = []
+        for p in rec.image_paths:
+            try:
+                img = load_image(os.path.join(self.images_root, p))
+            except DataError as e:
+                raise DataError(f"record {rec.id!r}: {e}") from e
+            images.append(image_transform(img, self.train, rng, self.resize, self.crop))
+        return dict(id=rec.id, pixel_values=torch.stack(images), report=self.reports[i], views=rec.views)
+
+
+# -----------------------------------------------------------------------------
+# collate: tokenization for both branches
+
+# The text-to-vision branch appends the view to the report (Sec. 3, "Text-to-Vision Branch"), since
+# reports rarely say it: "view: frontal." for one image, "views: frontal, lateral." for two.
+VIEW_SENTENCE = "{label}: {views}."
+
+
+def view_sentence(views: list[str]) -> str:
+    return VIEW_SENTENCE.format(label="view" if len(views) == 1 else "views", views=", ".join(views))
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into (ids, mask), both (B, L) long."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = 1
+    return ids, mask
+
+
+def make_collate(llm_tokenizer, text_tokenizer, max_report_tokens: int, max_text_tokens: int):
+    for name, tok in (("llm_tokenizer", llm_tokenizer), ("text_tokenizer", text_tokenizer)):
+        if tok.pad_token_id is None:  # Llama-2's tokenizer ships without one
+            raise ValueError(f"{name} has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.unk_token)")
+    # The special tokens the text tokenizer wraps a text in ([CLS] .. [SEP] for BERT/BLIP, <s> .. </s>
+    # for the demo tokenizer), read off one encoding, so any post-processor works. We add them
+    # ourselves because the report is cut *between* them, leaving the view sentence intact.
+    probe = text_tokenizer("x", return_special_tokens_mask=True)
+    first = probe.special_tokens_mask.index(0)
+    last = len(probe.special_tokens_mask) - probe.special_tokens_mask[::-1].index(0)
+    prefix, suffix = probe.input_ids[:first], probe.input_ids[last:]
+
+    def collate(batch: list[dict]) -> dict:
+        reports = [b["report"] for b in batch]  # full and uncut: these are also the references
+
+        # vision-to-text target (Eq. 1): report tokens then EOS, no BOS (prompt + visual tokens come first)
+        rows = llm_tokenizer(reports, add_special_tokens=False).input_ids
+        rows = [r[: max_report_tokens - 1] + [llm_tokenizer.eos_token_id] for r in rows]
+        report_ids, report_mask = _pad(rows, llm_tokenizer.pad_token_id)
+
+        # text-to-vision input: the report, plus its view sentence when the views are known
+        body = text_tokenizer(reports, add_special_tokens=False).input_ids
+        text_rows = []
+        for b, ids in zip(batch, body):
+            views = b["views"]
+            tail = text_tokenizer(view_sentence(views), add_special_tokens=False).input_ids if views else []
+            budget = max_text_tokens - len(prefix) - len(suffix) - len(tail)
+            text_rows.append(prefix + ids[: max(budget, 0)] + tail + suffix)
+        text_ids, text_mask = _pad(text_rows, text_tokenizer.pad_token_id)
+
+        return dict(
+            ids=[b["id"] for b in batch],
+            reports=reports,
+            pixel_values=torch.stack([b["pixel_values"] for b in batch]),  # (B, K, C, H, W)
+            report_ids=report_ids,  # (B, L)
+            report_mask=report_mask,
+            text_ids=text_ids,  # (B, Lt)
+            text_mask=text_mask,
+        )
+
+    return collate

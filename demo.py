@@ -1,0 +1,372 @@
+"""
+The built-in demo: a synthetic, MIMIC-CXR-like dataset that a tiny model can learn from in minutes
+on a CPU, plus the small tokenizer the demo's text encoder and LLM share.
+
+Each study is one image whose findings are drawn into the pixels and one report written from varied
+templates. It is written to disk in the real layout (annotation.json, images/<split>/<id>.png), so
+the demo runs through the same loading path (data.py) as IU-Xray and MIMIC-CXR.
+"""
+
+import csv
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageFilter
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+LABELS = (
+    "no_finding", "cardiomegaly", "effusion_left", "effusion_right",
+    "opacity_right_upper", "opacity_right_lower", "opacity_left_upper", "opacity_left_lower",
+    "support_device",
+)
+OPACITIES = LABELS[4:8]
+H = 256  # image height = the shorter edge, as MIMIC-CXR images after the paper's resize (Sec. 4.1)
+
+# -----------------------------------------------------------------------------
+# studies and images
+
+
+def sample_study(rng: random.Random) -> dict:
+    """A study: its view, its findings, and nuisance parameters that change the pixels but not the
+    report (so pixel-space nearest neighbour is a weak predictor of the findings)."""
+    view = "frontal" if rng.random() < 0.75 else "lateral"
+    findings = set()
+    if rng.random() < 0.30:
+        findings.add("cardiomegaly")
+    if rng.random() < 0.25:
+        findings.add("support_device")
+    # A lateral view alone cannot tell left from right, so lateral studies carry only the findings
+    # it can show: heart size and devices.
+    if view == "frontal":
+        u = rng.random()  # effusion: left 15%, right 15%, bilateral 6%
+        if u < 0.15:
+            findings.add("effusion_left")
+        elif u < 0.30:
+            findings.add("effusion_right")
+        elif u < 0.36:
+            findings |= {"effusion_left", "effusion_right"}
+        if rng.random() < 0.30:
+            findings.add(rng.choice(OPACITIES))
+    return dict(
+        view=view,
+        findings=frozenset(findings or {"no_finding"}),
+        width=rng.randint(256, 300),  # height is 256: the resize keeps the aspect ratio
+        scale=rng.uniform(0.9, 1.1),  # body size
+        dx=rng.uniform(-10, 10), dy=rng.uniform(-8, 8),  # body position (px)
+        ctr=rng.uniform(0.36, 0.44),  # cardiothoracic ratio of a normal heart; cardiomegaly adds 0.2
+        fluid=rng.uniform(0.25, 0.33),  # fraction of the lung height an effusion fills
+        blob=(rng.uniform(-6, 6), rng.uniform(-6, 6)),  # opacity centre jitter (px)
+        tube=(rng.uniform(-8, 8), rng.uniform(-6, 6)),  # tube x offset at the top and at the tip (px)
+        brightness=rng.uniform(-20, 20), contrast=rng.uniform(0.8, 1.2),
+        noise=rng.uniform(2, 7), blur=rng.uniform(0.3, 1.5),  # noise std (grey levels), blur radius (px)
+    )
+
+
+def _ellipse(x, y, cx, cy, rx, ry):
+    """Filled ellipse as an (H, W) mask in [0, 1], with a one-pixel soft edge (no aliasing)."""
+    d = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+    return np.clip((1 - d) * min(rx, ry) + 0.5, 0, 1)
+
+
+def _segment(x, y, x0, y0, x1, y1, half_width):
+    """Thick line from (x0, y0) to (x1, y1) as an (H, W) mask in [0, 1]."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.clip(half_width + 0.5 - np.hypot(x - x0 - t * dx, y - y0 - t * dy), 0, 1)
+
+
+def _paint(img, mask, value):
+    img += (value - img) * mask  # in place: blend `value` over img where mask is 1
+
+
+def _draw_frontal(img, x, y, cx, cy, s, study):
+    """PA view. Radiological convention: the patient's left is on the image's right."""
+    f = study["findings"]
+    _paint(img, _ellipse(x, y, cx, cy + 40 * s, 118 * s, 170 * s), 105)  # body
+    _paint(img, np.clip(9 * s - np.abs(x - cx), 0, 1), 150 + 10 * np.cos(y / (3 * s)))  # spine
+    lungs = {}
+    for side in (-1, 1):  # -1: image left = patient's right
+        lx, ly = cx + side * 46 * s, cy - 5 * s  # lung centre; each lung is 72s wide, 156s tall
+        lung = _ellipse(x, y, lx, ly, 36 * s, 78 * s)
+        _paint(img, lung, 35)
+        arc = (y + 0.008 * (x - cx) ** 2 / s) / (15 * s)  # faint ribs, curving down to the sides
+        img += 16 * lung * np.clip(2 * np.cos(2 * np.pi * arc) - 1, 0, 1)
+        lungs["left" if side == 1 else "right"] = (side, lx, ly, lung)
+
+    for name in ("left", "right"):  # effusion: homogeneous fluid filling the lung's base, with a meniscus
+        if f"effusion_{name}" in f:
+            side, lx, ly, lung = lungs[name]
+            level = ly + 78 * s - study["fluid"] * 156 * s
+            lateral = np.clip((x - lx) * side / (36 * s), -1, 1)  # -1 medial .. 1 at the chest wall
+            top = level - 14 * s * ((lateral + 1) / 2) ** 2  # fluid climbs the lateral chest wall
+            _paint(img, lung * np.clip(y - top + 0.5, 0, 1), 150)
+
+    for label in f & set(OPACITIES):  # opacity: one bright fuzzy blob in its zone
+        _, name, zone = label.split("_")
+        side, lx, ly, lung = lungs[name]
+        bx = lx + side * 6 * s + study["blob"][0]
+        # the lower blob sits above the highest meniscus, so an opacity never hides inside an effusion
+        by = ly + (-43 if zone == "upper" else 1) * s + study["blob"][1]
+        img += 90 * lung * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * (13 * s) ** 2))
+
+    # heart last, on top: its width is ctr x the thorax (the lungs' outer span, 164s); it sits a little
+    # to the image's right, i.e. to the patient's left
+    ctr = study["ctr"] + 0.2 * ("cardiomegaly" in f)
+    _paint(img, _ellipse(x, y, cx + 12 * s, cy + 42 * s, ctr * 82 * s, 36 * s), 170)
+
+
+def _draw_lateral(img, x, y, cx, cy, s, study):
+    """Lateral view, patient facing the image's left: heart anterior (left), spine posterior (right)."""
+    _paint(img, _ellipse(x, y, cx, cy + 40 * s, 112 * s, 175 * s), 100)  # body
+    _paint(img, _ellipse(x, y, cx - 4 * s, cy - 4 * s, 64 * s, 82 * s), 45)  # both lungs overlap: one oval
+    vertebrae = 165 - 40 * (np.cos(2 * np.pi * y / (18 * s)) < -0.6)  # bodies with darker discs
+    _paint(img, np.clip(11 * s - np.abs(x - cx - 72 * s), 0, 1), vertebrae)
+    ctr = study["ctr"] + 0.2 * ("cardiomegaly" in study["findings"])
+    _paint(img, _ellipse(x, y, cx - 30 * s, cy + 40 * s, ctr * 72 * s, 34 * s), 165)  # heart
+
+
+def render_image(study: dict, rng: random.Random) -> Image.Image:
+    """Draw a study as an 8-bit grayscale (mode "L") image, H x width. Findings are large enough to
+    survive a random 224 crop and to span a 32 x 32 patch: the demo model is tiny."""
+    s, w = study["scale"], study["width"]
+    cx, cy = w / 2 + study["dx"], H / 2 + study["dy"]
+    y, x = np.mgrid[0:H, 0:w].astype(np.float32)
+    img = np.full((H, w), 10.0, np.float32)  # air
+    (_draw_frontal if study["view"] == "frontal" else _draw_lateral)(img, x, y, cx, cy, s, study)
+    if "support_device" in study["findings"]:  # a thick bright tube from the top edge into the chest
+        x0 = cx + study["tube"][0] - (12 * s if study["view"] == "lateral" else 0)
+        _paint(img, _segment(x, y, x0, -4, x0 + study["tube"][1], cy - 22 * s, 3), 235)
+    img = (img - 100) * study["contrast"] + 100 + study["brightness"]
+    img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(study["blur"]))
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, study["noise"], (H, w))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).round().astype(np.uint8), "L")
+
+
+# -----------------------------------------------------------------------------
+# reports
+
+# Each finding, present or absent, has several phrasings. Positive sentences never contain a negation
+# word (NEGATIONS below) and each sentence speaks of one finding, which is what lets parse_findings
+# read them back with keyword rules.
+CARDIOMEGALY = ("The heart is enlarged.", "Cardiomegaly is present.", "Mild cardiomegaly.",
+                "Moderate enlargement of the cardiac silhouette.", "The cardiac silhouette is enlarged.")
+NORMAL_HEART = ("Heart size is normal.", "Normal heart size.", "No cardiomegaly.", "The heart is not enlarged.",
+                "The cardiac silhouette is within normal limits.")
+EFFUSION = ("There is a small {side} pleural effusion.", "{side} pleural effusion is present.",
+            "A moderate {side}-sided pleural effusion is seen.",
+            "Blunting of the {side} costophrenic angle due to a pleural effusion.")
+BILATERAL_EFFUSION = ("There are bilateral pleural effusions.", "Small pleural effusions on both sides.",
+                      "Bilateral pleural effusions are present.")
+NO_EFFUSION = ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusion or pneumothorax.")
+# {level}: upper/lower, {lobe}: upper lobe/lower lobe, {end}: apex/base
+OPACITY = ("There is a focal opacity in the {side} {level} zone.", "Patchy consolidation in the {side} {lobe}.",
+           "Airspace opacity at the {side} lung {end}.", "{side} {lobe} pneumonia.")
+CLEAR_LUNGS = ("The lungs are clear.", "No focal consolidation.", "There is no focal airspace opacity.",
+               "Lungs are clear without focal consolidation.")
+DEVICE = ("An endotracheal tube is in place.", "A central venous catheter is present.",
+          "A support tube projects over the mediastinum.", "There is a tube in the trachea.")
+NO_DEVICE = ("No support devices are seen.", "No lines or tubes.", "There are no tubes or catheters.")
+FILLER = ("The mediastinal contours are unremarkable.", "The mediastinum is within normal limits.",
+          "Hilar contours are normal.", "Pulmonary vascularity is normal.", "No pneumothorax.",
+          "There is no pneumothorax.", "No acute osseous abnormality.", "The osseous structures are intact.",
+          "Visualized bones are unremarkable.", "Degenerative changes of the thoracic spine.")
+NO_ACUTE = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.")  # if no finding
+
+
+def _say(template: str, **words) -> str:
+    sentence = template.format(**words)
+    return sentence[0].upper() + sentence[1:]
+
+
+def opacity_sentence(template: str, label: str) -> str:
+    _, side, zone = label.split("_")
+    end = "apex" if zone == "upper" else "base"
+    return _say(template, side=side, level=zone, lobe=f"{zone} lobe", end=end)
+
+
+def write_report(findings: frozenset, rng: random.Random) -> str:
+    """A raw report (capitalised sentences, punctuation) stating every finding and, usually, the
+    absence of the others; sentence order varies. The view is never mentioned, as in real reports."""
+    f = findings
+    out = []
+    if "cardiomegaly" in f or rng.random() < 0.85:
+        out.append(rng.choice(CARDIOMEGALY if "cardiomegaly" in f else NORMAL_HEART))
+    sides = [side for side in ("left", "right") if f"effusion_{side}" in f]
+    if len(sides) == 2 and rng.random() < 0.6:
+        out.append(rng.choice(BILATERAL_EFFUSION))
+    elif sides:
+        out += [_say(rng.choice(EFFUSION), side=side) for side in sides]
+    elif rng.random() < 0.8:
+        out.append(rng.choice(NO_EFFUSION))
+    opacities = sorted(f & set(OPACITIES))
+    if opacities:
+        out += [opacity_sentence(rng.choice(OPACITY), label) for label in opacities]
+    elif rng.random() < 0.8:
+        out.append(rng.choice(CLEAR_LUNGS))
+    if "support_device" in f:
+        out.append(rng.choice(DEVICE))
+    elif rng.random() < 0.4:
+        out.append(rng.choice(NO_DEVICE))
+    out += rng.sample(FILLER, rng.randint(3, 5))
+    if f == {"no_finding"} and rng.random() < 0.5:
+        out.append(rng.choice(NO_ACUTE))
+    rng.shuffle(out)
+    return " ".join(out)
+
+
+# keyword rules of the demo's CheXbert-like labeller, one concept per sentence
+NEGATIONS = {"no", "not", "without", "normal", "clear", "negative"}
+HEART_WORDS = {"cardiomegaly", "enlarged", "enlargement"}
+EFFUSION_WORDS = {"effusion", "effusions"}
+OPACITY_WORDS = {"opacity", "opacities", "opacification", "consolidation", "pneumonia"}
+DEVICE_WORDS = {"tube", "tubes", "catheter", "catheters", "device", "devices", "line", "lines"}
+UPPER, LOWER = {"upper", "apex", "apical"}, {"lower", "base", "basilar", "basal"}
+
+
+def parse_findings(report: str) -> frozenset[str]:
+    """Read the labels back from a report, raw or cleaned, written by the templates or by a model.
+    Each sentence is read on its own, so order and repetition do not matter; a sentence with a
+    negation word asserts nothing; a side or zone that is not named is not guessed."""
+    found = set()
+    for sentence in report.lower().split("."):
+        words = set(re.findall(r"[a-z]+", sentence))
+        if not words or words & NEGATIONS:
+            continue
+        sides = {side for side in ("left", "right") if side in words}
+        if words & HEART_WORDS:
+            found.add("cardiomegaly")
+        if words & EFFUSION_WORDS:
+            named = {"left", "right"} if words & {"bilateral", "both"} else sides
+            found |= {f"effusion_{side}" for side in named}
+        if words & OPACITY_WORDS:
+            zones = ["upper"] * bool(words & UPPER) + ["lower"] * bool(words & LOWER)
+            found |= {f"opacity_{side}_{zone}" for side in sides for zone in zones}
+        if words & DEVICE_WORDS:
+            found.add("support_device")
+    return frozenset(found or {"no_finding"})
+
+
+# -----------------------------------------------------------------------------
+# the dataset on disk
+
+
+def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0) -> None:
+    """Write root/annotation.json (R2Gen format, no "views" field, like the real release),
+    root/images/<split>/<id>.png and root/views.csv (the true view per image: the demo's analogue of
+    MIMIC-CXR's metadata CSV, against which the view classifier can be checked)."""
+    annotation, views = {}, []
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+        annotation[split] = []
+        for i in range(n):
+            # one generator per study: changing n_train does not change the val and test sets
+            rng = random.Random(f"demo-{seed}-{split}-{i}")
+            study = sample_study(rng)
+            sid = f"{split}-{i:05d}"
+            path = f"{split}/{sid}.png"
+            render_image(study, rng).save(os.path.join(root, "images", path), compress_level=1)
+            report = write_report(study["findings"], rng)
+            annotation[split].append(dict(id=sid, study_id=f"s{seed}{i:07d}", subject_id=f"p{seed}{i:07d}",
+                                          report=report, image_path=[path], split=split))
+            views.append((path, study["view"]))
+    with open(os.path.join(root, "views.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("image_path", "view"), *views])
+    # the annotation goes last, through a rename, so an interrupted run leaves no half-valid dataset
+    with open(os.path.join(root, "annotation.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(annotation, f, indent=1)
+    os.replace(os.path.join(root, "annotation.json.tmp"), os.path.join(root, "annotation.json"))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def build_tokenizer(texts: Iterable[str], extra_texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for the demo's text encoder and LLM, trained on the cleaned training
+    reports plus `extra_texts` (prompts, view sentences) so that every word they use has an id.
+    Whitespace pre-tokenizing splits punctuation off ("view:" -> "view", ":"), and decoding joins
+    tokens with spaces, which gives back a cleaned report exactly."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()  # cleaned reports are lowercase; prompts may not be
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(itertools.chain(texts, extra_texts), trainer)
+    bos, eos = ("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[bos, eos])
+    # bert_score (the demo's BERTScore) fails on a tokenizer without a real model_max_length
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+# -----------------------------------------------------------------------------
+# the demo's frozen LLM: a tiny Llama pre-trained as a language model on the training reports
+
+LLM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512)
+
+
+def pretrain_demo_llm(data_dir, out_dir, steps=300, batch_size=32, lr=3e-3, seed=0):
+    """Train a tiny Llama on the demo's *training* reports and save it with save_pretrained.
+
+    A frozen random LLM cannot be steered into writing reports through a visual prefix (its loss stays
+    near ln(vocab)); Llama-2 was pre-trained on text before the paper froze it, and so is this one. The
+    validation and test reports are never seen."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data import clean_report_mimic_cxr, load_annotation
+    from model import Config
+
+    records = load_annotation(os.path.join(data_dir, "annotation.json"), "train",
+                              os.path.join(data_dir, "images"))
+    reports = [clean_report_mimic_cxr(r.report) for r in records]
+    cfg = Config()
+    extra = [cfg.prompt_v2t, cfg.prompt_t2v, "view: frontal.", "view: lateral.", "views: frontal, lateral."]
+    tokenizer = build_tokenizer(reports, extra)
+    torch.manual_seed(seed)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, **LLM_CONFIG))
+    enc = tokenizer(reports, padding=True, return_tensors="pt")            # "<s> report </s>" rows
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    llm.train()
+    for step in range(steps):
+        idx = torch.randint(len(reports), (batch_size,), generator=g)
+        ids, mask = enc.input_ids[idx], enc.attention_mask[idx]
+        for group in opt.param_groups:                                    # cosine decay
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            print(f"demo LLM pre-training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+    tmp = out_dir.rstrip("/") + ".tmp"             # saved whole, then renamed: never half a model
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return loss.item()
+
+
+def ensure_demo(data_dir="demo_data", llm_dir="demo_data/llm", seed=0):
+    """Make the demo data set and its pre-trained frozen LLM, unless they are already there."""
+    if not os.path.exists(os.path.join(data_dir, "annotation.json")):
+        t0 = time.time()
+        make_demo_dataset(data_dir, seed=seed)
+        print(f"demo data written to {data_dir} in {time.time() - t0:.0f} s", flush=True)
+    if not os.path.exists(os.path.join(llm_dir, "config.json")):
+        t0 = time.time()
+        pretrain_demo_llm(data_dir, llm_dir, seed=seed)
+        print(f"demo LLM pre-trained and saved to {llm_dir} in {time.time() - t0:.0f} s", flush=True)

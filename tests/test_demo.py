@@ -1,0 +1,293 @@
+"""Tests for demo.py: determinism, reports that parse back, a dataset that loads, findings in the pixels."""
+
+import csv
+import itertools
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import demo  # noqa: E402
+
+FINDINGS = demo.LABELS[1:]  # everything but no_finding
+
+
+def _files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "d"
+    demo.make_demo_dataset(root, n_train=20, n_val=5, n_test=5, seed=0)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# determinism
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(demo_root, tmp_path):
+    demo.make_demo_dataset(tmp_path / "again", n_train=20, n_val=5, n_test=5, seed=0)
+    demo.make_demo_dataset(tmp_path / "other", n_train=20, n_val=5, n_test=5, seed=1)
+    a, again, other = _files(demo_root), _files(tmp_path / "again"), _files(tmp_path / "other")
+    assert len(a) == 20 + 5 + 5 + 2 and a == again
+    assert other.keys() == a.keys()
+    assert other["annotation.json"] != a["annotation.json"]
+    assert sum(other[k] != a[k] for k in a if k.endswith(".png")) == 30
+
+
+def test_val_and_test_do_not_depend_on_train_size(demo_root, tmp_path):
+    demo.make_demo_dataset(tmp_path / "bigger", n_train=25, n_val=5, n_test=5, seed=0)
+    a, b = _files(demo_root), _files(tmp_path / "bigger")
+    assert all(a[k] == b[k] for k in a if k.startswith(("images/val", "images/test")))
+    ann_a, ann_b = json.loads(a["annotation.json"]), json.loads(b["annotation.json"])
+    assert ann_a["test"] == ann_b["test"] and ann_a["train"] == ann_b["train"][:20]
+
+
+# -----------------------------------------------------------------------------
+# reports
+
+
+def _check(report, expected):
+    assert demo.parse_findings(report) == expected, report
+    assert demo.parse_findings(data.clean_report_mimic_cxr(report)) == expected, data.clean_report_mimic_cxr(report)
+
+
+def test_parse_findings_reads_back_random_reports():
+    rng = random.Random(0)
+    for i in range(600):
+        if i % 2:  # the generator's own distribution
+            findings = demo.sample_study(rng)["findings"]
+        else:  # any combination, even ones the generator never draws (e.g. two opacities)
+            findings = frozenset(f for f in FINDINGS if rng.random() < 0.3) or frozenset({"no_finding"})
+        report = demo.write_report(findings, rng)
+        _check(report, findings)
+        # a generated report may repeat or reorder sentences
+        sentences = [s for s in report.split(". ") if s]
+        _check(". ".join(sentences[::-1] + sentences[:2]) + ".", findings)
+
+
+def _all_positive_sentences():
+    """(sentence, labels) for every phrasing of every finding."""
+    out = [(s, {"cardiomegaly"}) for s in demo.CARDIOMEGALY]
+    out += [(demo._say(t, side=side), {f"effusion_{side}"}) for t in demo.EFFUSION for side in ("left", "right")]
+    out += [(s, {"effusion_left", "effusion_right"}) for s in demo.BILATERAL_EFFUSION]
+    out += [(demo.opacity_sentence(t, label), {label}) for t in demo.OPACITY for label in demo.OPACITIES]
+    out += [(s, {"support_device"}) for s in demo.DEVICE]
+    return out
+
+
+NEGATIVES = demo.NORMAL_HEART + demo.NO_EFFUSION + demo.CLEAR_LUNGS + demo.NO_DEVICE + demo.FILLER + demo.NO_ACUTE
+
+
+def test_parse_findings_reads_every_phrasing():
+    positives = _all_positive_sentences()
+    assert len(positives) == 5 + 8 + 3 + 16 + 4
+    for sentence, labels in positives:
+        _check(sentence, frozenset(labels))
+        # inside a report full of negative sentences, in both orders
+        _check(" ".join(NEGATIVES[:12] + (sentence,) + NEGATIVES[12:]), frozenset(labels))
+    for sentence in NEGATIVES:
+        _check(sentence, frozenset({"no_finding"}))
+    _check(" ".join(NEGATIVES), frozenset({"no_finding"}))
+    # each finding has at least 3 phrasings, present and absent
+    for templates in (demo.CARDIOMEGALY, demo.NORMAL_HEART, demo.EFFUSION, demo.BILATERAL_EFFUSION, demo.NO_EFFUSION,
+                      demo.OPACITY, demo.CLEAR_LUNGS, demo.DEVICE, demo.NO_DEVICE):
+        assert len(templates) >= 3
+
+
+def test_parse_findings_on_model_like_output():
+    assert demo.parse_findings("") == {"no_finding"}
+    assert demo.parse_findings("the heart is enlarged . the heart is enlarged .") == {"cardiomegaly"}
+    assert demo.parse_findings("no left pleural effusion . right pleural effusion is present") == {"effusion_right"}
+    assert demo.parse_findings("pleural effusion .") == {"no_finding"}  # no side named: not guessed
+
+
+def test_reports_look_like_reports():
+    rng = random.Random(1)
+    vocab, lengths = set(), []
+    for _ in range(2000):
+        report = demo.write_report(demo.sample_study(rng)["findings"], rng)
+        assert report[0].isupper() and report.endswith(".")
+        words = data.clean_report_mimic_cxr(report).split()
+        assert not {"view", "frontal", "lateral", "pa", "ap"} & set(words)  # the view is never said
+        vocab |= set(words)
+        lengths.append(sum(w != "." for w in words))
+    assert len(vocab) < 300
+    lengths.sort()
+    assert 12 <= lengths[0] and 18 <= lengths[len(lengths) // 100] and lengths[-1] <= 65
+
+
+def test_lateral_studies_carry_only_what_a_lateral_view_shows():
+    rng = random.Random(2)
+    studies = [demo.sample_study(rng) for _ in range(2000)]
+    lateral = [s for s in studies if s["view"] == "lateral"]
+    assert 0.2 < len(lateral) / len(studies) < 0.3
+    assert all(s["findings"] <= {"no_finding", "cardiomegaly", "support_device"} for s in lateral)
+    seen = set().union(*(s["findings"] for s in studies))
+    assert seen == set(demo.LABELS)
+
+
+# -----------------------------------------------------------------------------
+# the dataset on disk goes through the real loading path
+
+
+def test_dataset_loads_through_data_py(demo_root):
+    ann = json.loads((demo_root / "annotation.json").read_text())
+    assert set(ann) == {"train", "val", "test"} and all("views" not in r for r in ann["train"])
+    for split, n in (("train", 20), ("val", 5), ("test", 5)):
+        recs = data.load_annotation(demo_root / "annotation.json", split, demo_root / "images")
+        assert len(recs) == n and all(len(r.image_paths) == 1 and r.views is None for r in recs)
+    ds = data.ReportDataset(recs, demo_root / "images", data.CLEANERS["mimic_cxr"], train=True)
+    item = ds[0]
+    assert item["pixel_values"].shape == (1, 3, 224, 224)
+    assert item["report"] == data.clean_report_mimic_cxr(recs[0].report) and item["report"].endswith(" .")
+    img = data.load_image(demo_root / "images" / recs[0].image_paths[0])
+    assert img.height == 256 and 256 <= img.width <= 300
+
+
+def test_images_are_8_bit_grayscale_of_varied_width(demo_root):
+    from PIL import Image
+
+    widths = set()
+    for path in (demo_root / "images" / "train").iterdir():
+        img = Image.open(path)
+        assert img.mode == "L" and img.height == 256
+        widths.add(img.width)
+    assert len(widths) > 5
+
+
+def test_views_csv_matches(demo_root):
+    with open(demo_root / "views.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ann = json.loads((demo_root / "annotation.json").read_text())
+    records = [r for split in ("train", "val", "test") for r in ann[split]]
+    assert [row["image_path"] for row in rows] == [r["image_path"][0] for r in records]
+    assert {row["view"] for row in rows} == {"frontal", "lateral"}
+    for row, rec in zip(rows, records):
+        if row["view"] == "lateral":  # its report cannot name a sided finding
+            assert demo.parse_findings(rec["report"]) <= {"no_finding", "cardiomegaly", "support_device"}
+
+
+# -----------------------------------------------------------------------------
+# findings are in the pixels: toggle one finding on an otherwise identical study
+
+
+def _pair(findings, view="frontal", seed=0, **nuisance):
+    study = dict(demo.sample_study(random.Random(seed)), view=view, **nuisance)
+    # the same rng seed gives the same noise, so the difference is the finding alone
+    without = np.asarray(demo.render_image(dict(study, findings=frozenset({"no_finding"})), random.Random(9)), np.float32)
+    with_ = np.asarray(demo.render_image(dict(study, findings=frozenset(findings)), random.Random(9)), np.float32)
+    return study, without, with_
+
+
+def _centre(study):
+    return study["width"] / 2 + study["dx"], demo.H / 2 + study["dy"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_effusion_fills_the_lower_lung_on_its_side(seed):
+    for side, sign in (("left", 1), ("right", -1)):  # patient's left is on the image's right
+        study, without, with_ = _pair({f"effusion_{side}"}, seed=seed)
+        cx, cy = _centre(study)
+        s = study["scale"]
+        lx = int(cx + sign * 46 * s)
+        lower = (slice(int(cy + 50 * s), int(cy + 65 * s)), slice(lx - 15, lx + 15))
+        other = (slice(int(cy + 50 * s), int(cy + 65 * s)), slice(int(cx - sign * 46 * s) - 15, int(cx - sign * 46 * s) + 15))
+        upper = (slice(int(cy - 60 * s), int(cy - 30 * s)), slice(lx - 15, lx + 15))
+        assert with_[lower].mean() > without[lower].mean() + 50
+        assert with_[other].mean() == pytest.approx(without[other].mean(), abs=1)
+        assert with_[upper].mean() == pytest.approx(without[upper].mean(), abs=1)
+
+
+@pytest.mark.parametrize("label", demo.OPACITIES)
+def test_opacity_is_a_blob_in_its_zone(label):
+    study, without, with_ = _pair({label})
+    cx, cy = _centre(study)
+    diff = np.clip(with_ - without, 0, None)
+    ys, xs = np.nonzero(diff > 20)
+    assert len(ys) > 200  # visible at a 32 x 32 patch scale
+    _, side, zone = label.split("_")
+    assert (xs.mean() > cx) == (side == "left") and (ys.mean() < cy - 10) == (zone == "upper")
+
+
+def _dark_runs(row):
+    """Dark stretches of a row that starts and ends in the body's soft tissue."""
+    dark = row < (row.min() + (row[:5].mean() + row[-5:].mean()) / 2) / 2
+    return int(dark[0]) + int((dark[1:] & ~dark[:-1]).sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_views_look_different(seed):
+    # frontal: two dark lung fields either side of the spine; lateral: one oval field
+    for view, runs in (("frontal", 2), ("lateral", 1)):
+        study = dict(demo.sample_study(random.Random(seed)), view=view, findings=frozenset({"no_finding"}))
+        img = np.asarray(demo.render_image(study, random.Random(0)), np.float32)
+        cx, cy = _centre(study)
+        y, s = int(cy - 30 * study["scale"]), study["scale"]
+        row = img[y - 3:y + 4, int(cx - 100 * s):int(cx + 100 * s)].mean(0)
+        assert _dark_runs(np.convolve(row, np.ones(5) / 5, "valid")) == runs
+
+
+def _heart_width(img, study):
+    cx, cy = _centre(study)
+    row = img[int(cy + 42 * study["scale"]) - 2:int(cy + 42 * study["scale"]) + 3].mean(0)
+    return int((row > (row.max() + np.median(row)) / 2).sum())
+
+
+@pytest.mark.parametrize("view", ["frontal", "lateral"])
+def test_cardiomegaly_widens_the_heart(view):
+    study, without, with_ = _pair({"cardiomegaly"}, view=view, contrast=1.0, brightness=0.0, ctr=0.4)
+    w0, w1 = _heart_width(without, study), _heart_width(with_, study)
+    assert w1 > 1.3 * w0 and w1 - w0 > 20, (w0, w1)
+
+
+@pytest.mark.parametrize("view", ["frontal", "lateral"])
+def test_support_device_is_a_bright_line_from_the_top(view):
+    study, without, with_ = _pair({"support_device"}, view=view)
+    bright = (with_ - without) > 40
+    _, cy = _centre(study)
+    tip = int(cy - 22 * study["scale"])
+    widths = bright[:tip - 3].sum(1)
+    assert widths.min() >= 3 and widths.max() <= 12  # a thick line in every row from the top edge...
+    assert not bright[tip + 8:].any()  # ...ending in the chest
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_round_trip(demo_root, tmp_path):
+    from transformers import AutoTokenizer
+
+    recs = data.load_annotation(demo_root / "annotation.json", "train", demo_root / "images")
+    reports = [data.clean_report_mimic_cxr(r.report) for r in recs]
+    extra = ["Write the findings of this chest X-ray:", data.view_sentence(["frontal"]), data.view_sentence(["lateral"])]
+    tok = demo.build_tokenizer(reports, extra)
+    assert tok.tokenize("view: frontal.") == ["view", ":", "frontal", "."]
+    for r in reports:
+        ids = tok(r).input_ids
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == r  # a cleaned report comes back exactly
+    assert tok.unk_token_id not in tok(" ".join(extra)).input_ids
+    assert tok("zebra").input_ids[1] == tok.unk_token_id
+    assert len(tok) < 300
+
+    tok.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for text in itertools.chain(reports[:5], extra, ["zebra"]):
+        assert again(text).input_ids == tok(text).input_ids
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "unk_token_id", "model_max_length"):
+        assert getattr(again, name) == getattr(tok, name)
+    assert again.model_max_length == 512
