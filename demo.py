@@ -60,8 +60,14 @@ def sample_study(rng: random.Random) -> dict:
         view=view,
         findings=frozenset(findings or {"no_finding"}),
         width=rng.randint(256, 300),  # height is 256: the resize keeps the aspect ratio
-        scale=rng.uniform(0.9, 1.1),  # body size
-        dx=rng.uniform(-10, 10), dy=rng.uniform(-8, 8),  # body position (px)
+        scale=rng.uniform(0.85, 1.15),  # body size
+        dx=rng.uniform(-22, 22), dy=rng.uniform(-16, 16),  # body position (px)
+        angle=rng.uniform(-0.1, 0.1),  # patient rotation (radians)
+        gradient=(rng.uniform(-35, 35), rng.uniform(0, 2 * math.pi)),  # exposure falling off across the film
+        # things on the film that are not findings: ECG electrodes, a side marker, the arms
+        electrodes=[(rng.uniform(40, 216), rng.uniform(60, 230)) for _ in range(rng.randint(0, 4))],
+        marker=(rng.choice((20, 236)), rng.uniform(15, 40)) if rng.random() < 0.7 else None,
+        arms=rng.random() < 0.4,
         ctr=rng.uniform(0.36, 0.44),  # cardiothoracic ratio of a normal heart; cardiomegaly adds 0.2
         fluid=rng.uniform(0.25, 0.33),  # fraction of the lung height an effusion fills
         blob=(rng.uniform(-6, 6), rng.uniform(-6, 6)),  # opacity centre jitter (px)
@@ -139,12 +145,26 @@ def render_image(study: dict, rng: random.Random) -> Image.Image:
     survive a random 224 crop and to span a 32 x 32 patch: the demo model is tiny."""
     s, w = study["scale"], study["width"]
     cx, cy = w / 2 + study["dx"], H / 2 + study["dy"]
-    y, x = np.mgrid[0:H, 0:w].astype(np.float32)
+    y0, x0 = np.mgrid[0:H, 0:w].astype(np.float32)
+    a = study.get("angle", 0.0)  # the patient, rotated about the body centre
+    x = cx + (x0 - cx) * math.cos(a) - (y0 - cy) * math.sin(a)
+    y = cy + (x0 - cx) * math.sin(a) + (y0 - cy) * math.cos(a)
     img = np.full((H, w), 10.0, np.float32)  # air
+    if study.get("arms"):  # raised arms at both upper corners
+        for side in (-1, 1):
+            _paint(img, _ellipse(x, y, cx + side * 150 * s, cy - 110 * s, 30 * s, 90 * s), 120)
     (_draw_frontal if study["view"] == "frontal" else _draw_lateral)(img, x, y, cx, cy, s, study)
+    for ex, ey in study.get("electrodes", []):  # small bright rings, smaller than any opacity
+        img += 80 * np.clip(1.5 - np.abs(np.hypot(x0 - ex, y0 - ey) - 5), 0, 1)
+    if study.get("marker"):  # a bright square side marker near a top corner
+        mx, my = study["marker"]
+        mx = mx * w / 256
+        _paint(img, ((np.abs(x0 - mx) < 7) & (np.abs(y0 - my) < 7)).astype(np.float32), 250)
+    amp, theta = study.get("gradient", (0.0, 0.0))
+    img += amp * ((x0 - w / 2) * math.cos(theta) + (y0 - H / 2) * math.sin(theta)) / 128
     if "support_device" in study["findings"]:  # a thick bright tube from the top edge into the chest
         x0 = cx + study["tube"][0] - (12 * s if study["view"] == "lateral" else 0)
-        _paint(img, _segment(x, y, x0, -4, x0 + study["tube"][1], cy - 22 * s, 3), 235)
+        _paint(img, _segment(x, y, x0, -4, x0 + study["tube"][1], cy - 22 * s, 5), 235)
     img = (img - 100) * study["contrast"] + 100 + study["brightness"]
     img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     img = img.filter(ImageFilter.GaussianBlur(study["blur"]))
@@ -163,7 +183,7 @@ CARDIOMEGALY = ("The heart is enlarged.", "Cardiomegaly is present.", "Mild card
 NORMAL_HEART = ("Heart size is normal.", "Normal heart size.", "No cardiomegaly.", "The heart is not enlarged.",
                 "The cardiac silhouette is within normal limits.")
 EFFUSION = ("There is a small {side} pleural effusion.", "{side} pleural effusion is present.",
-            "A moderate {side}-sided pleural effusion is seen.",
+            "A moderate {side} sided pleural effusion is seen.",
             "Blunting of the {side} costophrenic angle due to a pleural effusion.")
 BILATERAL_EFFUSION = ("There are bilateral pleural effusions.", "Small pleural effusions on both sides.",
                       "Bilateral pleural effusions are present.")
@@ -196,11 +216,24 @@ def opacity_sentence(template: str, label: str) -> str:
 
 def write_report(findings: frozenset, rng: random.Random) -> str:
     """A raw report (capitalised sentences, punctuation) stating every finding and, usually, the
-    absence of the others; sentence order varies. The view is never mentioned, as in real reports."""
+    absence of the others. Like real reports it follows a habitual order (devices, heart, mediastinum,
+    lungs, pleura, bones, impression) with the wording varied and now and then two sentences swapped;
+    a fully shuffled order would make a tiny LLM spend its capacity on bookkeeping. The view is never
+    mentioned, as in real reports."""
     f = findings
     out = []
-    if "cardiomegaly" in f or rng.random() < 0.85:
-        out.append(rng.choice(CARDIOMEGALY if "cardiomegaly" in f else NORMAL_HEART))
+    if "support_device" in f:
+        out.append(rng.choice(DEVICE))
+    elif rng.random() < 0.4:
+        out.append(rng.choice(NO_DEVICE))
+    out.append(rng.choice(CARDIOMEGALY if "cardiomegaly" in f else NORMAL_HEART))
+    if rng.random() < 0.5:
+        out.append(rng.choice(FILLER[:4]))                      # mediastinum, hila, vessels
+    opacities = sorted(f & set(OPACITIES))
+    if opacities:
+        out += [opacity_sentence(rng.choice(OPACITY), label) for label in opacities]
+    elif rng.random() < 0.9:
+        out.append(rng.choice(CLEAR_LUNGS))
     sides = [side for side in ("left", "right") if f"effusion_{side}" in f]
     if len(sides) == 2 and rng.random() < 0.6:
         out.append(rng.choice(BILATERAL_EFFUSION))
@@ -208,19 +241,15 @@ def write_report(findings: frozenset, rng: random.Random) -> str:
         out += [_say(rng.choice(EFFUSION), side=side) for side in sides]
     elif rng.random() < 0.8:
         out.append(rng.choice(NO_EFFUSION))
-    opacities = sorted(f & set(OPACITIES))
-    if opacities:
-        out += [opacity_sentence(rng.choice(OPACITY), label) for label in opacities]
-    elif rng.random() < 0.8:
-        out.append(rng.choice(CLEAR_LUNGS))
-    if "support_device" in f:
-        out.append(rng.choice(DEVICE))
-    elif rng.random() < 0.4:
-        out.append(rng.choice(NO_DEVICE))
-    out += rng.sample(FILLER, rng.randint(3, 5))
+    if rng.random() < 0.3:
+        out.append(rng.choice(FILLER[4:6]))                     # pneumothorax
+    if rng.random() < 0.5:
+        out.append(rng.choice(FILLER[6:]))                      # bones
     if f == {"no_finding"} and rng.random() < 0.5:
         out.append(rng.choice(NO_ACUTE))
-    rng.shuffle(out)
+    if len(out) > 1 and rng.random() < 0.2:                     # an occasional swap of neighbours
+        i = rng.randrange(len(out) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
     return " ".join(out)
 
 
@@ -315,12 +344,31 @@ LLM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=4, max_position_embeddings=512)
 
 
-def pretrain_demo_llm(data_dir, out_dir, steps=300, batch_size=32, lr=3e-3, seed=0):
+KEYWORDS = {"no_finding": "normal", "cardiomegaly": "cardiomegaly", "support_device": "tube",
+            "effusion_left": "left effusion", "effusion_right": "right effusion",
+            **{o: o.replace("opacity_", "").replace("_", " ") + " opacity" for o in OPACITIES}}
+
+
+def keywords(report: str) -> str:
+    """The findings of a report as keywords, in LABELS order, e.g. "cardiomegaly left effusion"."""
+    found = parse_findings(report)
+    return " ".join(KEYWORDS[label] for label in LABELS if label in found)
+
+
+def pretrain_demo_llm(data_dir, out_dir, steps=600, batch_size=16, seq_len=128, lr=3e-3, seed=0):
     """Train a tiny Llama on the demo's *training* reports and save it with save_pretrained.
 
     A frozen random LLM cannot be steered into writing reports through a visual prefix (its loss stays
     near ln(vocab)); Llama-2 was pre-trained on text before the paper froze it, and so is this one. The
-    validation and test reports are never seen."""
+    validation and test reports are never seen.
+
+    Each report is written as an instruction-following document: the V2T prompt, keywords naming the
+    report's findings (read from the report itself), then the report ("<prompt> left effusion tube :
+    <report>"). The demo's reports state each finding independently of the others, so a model trained
+    on the bare reports never learns to let earlier words decide a later finding (we measured: a visual
+    prefix then cannot steer it, even one computed from the true labels). Llama-2-chat brings that
+    ability from its pre-training and instruction tuning; here the visual mapper must learn, from
+    pixels alone, to write a prefix that does what the keywords do."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -331,22 +379,26 @@ def pretrain_demo_llm(data_dir, out_dir, steps=300, batch_size=32, lr=3e-3, seed
                               os.path.join(data_dir, "images"))
     reports = [clean_report_mimic_cxr(r.report) for r in records]
     cfg = Config()
-    extra = [cfg.prompt_v2t, cfg.prompt_t2v, "view: frontal.", "view: lateral.", "views: frontal, lateral."]
+    extra = [cfg.prompt_v2t, cfg.prompt_v2t_after, cfg.prompt_t2v, "view: frontal.", "view: lateral.", "views: frontal, lateral."]
     tokenizer = build_tokenizer(reports, extra)
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                        eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id, **LLM_CONFIG))
-    enc = tokenizer(reports, padding=True, return_tensors="pt")            # "<s> report </s>" rows
+    # Pack the reports back to back ("<s> r1 </s><s> r2 </s>..."), cut into rows of `seq_len` tokens, as
+    # LLMs are pre-trained: the model then writes a report starting at any position, which it must do
+    # after the prompt and the Np visual tokens of the vision-to-text branch.
+    texts = [f"{cfg.prompt_v2t} {keywords(r)} {cfg.prompt_v2t_after} {r}" for r in reports]
+    stream = [t for ids in tokenizer(texts).input_ids for t in ids]
+    rows = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)   # (R, seq_len)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     llm.train()
     for step in range(steps):
-        idx = torch.randint(len(reports), (batch_size,), generator=g)
-        ids, mask = enc.input_ids[idx], enc.attention_mask[idx]
+        ids = rows[torch.randint(len(rows), (batch_size,), generator=g)]
         for group in opt.param_groups:                                    # cosine decay
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss = llm(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -370,3 +422,4 @@ def ensure_demo(data_dir="demo_data", llm_dir="demo_data/llm", seed=0):
         t0 = time.time()
         pretrain_demo_llm(data_dir, llm_dir, seed=seed)
         print(f"demo LLM pre-trained and saved to {llm_dir} in {time.time() - t0:.0f} s", flush=True)
+

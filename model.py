@@ -18,6 +18,7 @@ Shape notation, used in every comment below:
     dv  vision width                  dt  text-encoder width            dL  LLM width
 """
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -64,7 +65,9 @@ class Config:
     rec: bool = True                 # image reconstruction branch
     lambda_t2v: float = 1.0          # lambda1 in Eq. 3 (Sec. 4.1: 1, "without fine-tuning")
     lambda_rec: float = 1.0          # lambda2 in Eq. 3
-    prompt_v2t: str = "write the findings of this chest x-ray :"   # S_v2t (the paper does not publish its prompts)
+    t2v_reduction: str = "mean"      # squared error over dL: "mean" (default, see loss_t2v) or "sum" (Eq. 2)
+    prompt_v2t: str = "write the findings of this chest x-ray"     # S_v2t, before E_v (the paper does not publish it)
+    prompt_v2t_after: str = ":"      # the rest of S_v2t, between E_v and the report (as R2GenGPT's "<Img>E_v</Img> ...")
     prompt_t2v: str = "describe the chest x-ray that this report belongs to :"  # S_t2v
     grad_checkpointing: bool = False # recompute the frozen LLM's activations in backward (on at full size)
     # --- generation
@@ -198,12 +201,31 @@ class ReportGenerator(nn.Module):
             self.vision_decoder = mae.decoder                         # g_vd, theta_vd
             # No patch is ever masked (mask_ratio 0), so the mask token takes no part in the loss.
             self.vision_decoder.mask_token.requires_grad_(False)
+        self._init_mappers_to_word_scale()
         # Prompts are tokenized once here, never in forward. They start with the tokenizer's BOS, as
         # every sequence the LLM was pre-trained on does.
-        for name, text in (("prompt_v2t", cfg.prompt_v2t), ("prompt_t2v", cfg.prompt_t2v)):
-            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids
-            self.register_buffer(name, torch.tensor(ids), persistent=False)  # (P,)
+        for name, text, bos in (("prompt_v2t", cfg.prompt_v2t, True), ("prompt_t2v", cfg.prompt_t2v, True),
+                                ("prompt_v2t_after", cfg.prompt_v2t_after, False)):
+            ids = [tokenizer.bos_token_id] * bos + tokenizer(text, add_special_tokens=False).input_ids
+            self.register_buffer(name, torch.tensor(ids, dtype=torch.long), persistent=False)  # (P,)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def _init_mappers_to_word_scale(self):
+        """Start E_v and E_t at the norm of the LLM's word embeddings, whose place they take.
+
+        The LLM normalises its inputs (RMSNorm), so what moves its output is the *relative* change of
+        E_v; Adam moves weights by about lr per step whatever their scale. With PyTorch's default init
+        E_v starts ~10x longer than a word embedding in the demo, and learns ~10x slower. (Our choice;
+        the paper does not describe its initialisation.)"""
+        W = self.llm.get_input_embeddings().weight
+        if W.is_meta:                        # a model built on the meta device has no values to measure
+            return
+        word_norm = W.float().norm(dim=1).mean().item()
+        for mapper in (self.visual_mapper, getattr(self, "text_mapper", None)):
+            if mapper is not None:           # its input is LayerNorm-ed: about unit variance per feature
+                nn.init.normal_(mapper.weight, std=word_norm / math.sqrt(mapper.in_features * mapper.out_features))
+                nn.init.zeros_(mapper.bias)
 
     # --- vision -------------------------------------------------------------
 
@@ -242,16 +264,22 @@ class ReportGenerator(nn.Module):
                              position_ids=position_ids_from_mask(mask), use_cache=False)
         return out.last_hidden_state                                   # (B, T, dL)
 
+    def _v2t_prefix(self, E_v):
+        """[S_v2t, E_v, S_v2t_after]: what the LLM reads before the report, (B, P+Np+P', dL)."""
+        B = E_v.shape[0]
+        before = self._embed(self.prompt_v2t).expand(B, -1, -1)
+        after = self._embed(self.prompt_v2t_after).expand(B, -1, -1)
+        return torch.cat([before, E_v.to(before.dtype), after], 1)
+
     def loss_v2t(self, E_v, report_ids, report_mask):
-        """Eq. 1, L_VTC: next-token NLL of the report given [S_v2t, E_v, T_<k].
+        """Eq. 1, L_VTC: next-token NLL of the report given [S_v2t, E_v, T_<k] (S_v2t around E_v).
 
         report_ids (B, L) end with EOS and are right-padded (report_mask 0). The mean over real report
         tokens is used instead of Eq. 1's sum, so the loss scale does not depend on report length."""
-        B, Np, _ = E_v.shape
-        prompt = self._embed(self.prompt_v2t).expand(B, -1, -1)        # (B, P, dL)
-        x = torch.cat([prompt, E_v.to(prompt.dtype), self._embed(report_ids[:, :-1])], 1)  # (B, P+Np+L-1, dL)
-        mask = torch.cat([torch.ones(B, prompt.shape[1] + Np, dtype=report_mask.dtype,
-                                     device=E_v.device), report_mask[:, :-1]], 1)
+        prefix = self._v2t_prefix(E_v)                                  # (B, P+Np+P', dL)
+        x = torch.cat([prefix, self._embed(report_ids[:, :-1])], 1)     # (B, P+Np+P'+L-1, dL)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=E_v.device),
+                          report_mask[:, :-1]], 1)
         L = report_ids.shape[1]
         h = self._llm_hidden(x, mask)[:, -L:]                           # (B, L, dL): positions that predict t_1..t_L
         logits = self.llm.lm_head(h).float()                            # vocabulary head on report positions only
@@ -280,7 +308,12 @@ class ReportGenerator(nn.Module):
         x = torch.cat([x, E_v[:, :-1].detach().to(x.dtype)], 1)        # (B, P+Lt+Np-1, dL)
         mask = torch.cat([mask, torch.ones(B, Np - 1, dtype=mask.dtype, device=mask.device)], 1)
         E_g = self._llm_hidden(x, mask)[:, -Np:].float()                # (B, Np, dL)
-        return (E_v.float() - E_g).pow(2).sum(-1).mean()
+        sq = (E_v.float() - E_g).pow(2)                                 # (B, Np, dL)
+        # Eq. 2 sums the squared error over the dL dimensions. Summed over Llama-2's 4096 dimensions the
+        # term is thousands of times L_VTC, and lambda1 = 1 "without fine-tuning" (Sec. 4.1) could not
+        # balance the two; the mean over dimensions (what F.mse_loss computes) can. The paper does not
+        # say which its code used: "mean" is our default, "sum" is Eq. 2 to the letter.
+        return (sq.sum(-1) if self.cfg.t2v_reduction == "sum" else sq.mean(-1)).mean()
 
     def loss_rec(self, E_v, pixel_values):
         """L_REC: pixel MSE of the MAE decoder's reconstruction from E_v alone.
@@ -316,13 +349,10 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, num_beams=None, max_new_tokens=None):
-        """Batched beam search from [S_v2t, E_v]: (B, K, C, H, W) -> list of B token-id lists.
+        """Batched beam search from [S_v2t, E_v, S_v2t_after]: (B, K, C, H, W) -> list of B token-id lists.
 
         Touches only the vision encoder, the visual mapper and the frozen LLM."""
-        E_v = self.visual_embeddings(pixel_values)                      # (B, Np, dL)
-        B = E_v.shape[0]
-        prompt = self._embed(self.prompt_v2t).expand(B, -1, -1)
-        prefix = torch.cat([prompt, E_v.to(prompt.dtype)], 1)           # (B, P+Np, dL)
+        prefix = self._v2t_prefix(self.visual_embeddings(pixel_values))  # (B, P+Np+P', dL)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         return self.generate_from_embeds(prefix, mask, num_beams, max_new_tokens)
 

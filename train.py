@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from data import CLEANERS, ReportDataset, load_annotation, make_collate
-from evaluate import evaluate_split, generate_reports, caption_scores
+from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
 from model import PRESETS, Config, ReportGenerator, config_from_dict, load_frozen_llm
 
 DATASETS = {"demo": "demo", "iu_xray": "iu_xray", "mimic": "mimic_cxr", "mimic_cxr": "mimic_cxr"}
@@ -171,6 +171,9 @@ def main(argv=None):
     images_root = os.path.join(cfg.data_dir, "images")
     cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
     records = {s: load_annotation(ann, s, images_root) for s in ("train", "val", "test")}
+    labeller = None
+    if cfg.dataset == "demo":                 # the demo's findings can be read back from any report
+        from demo import parse_findings as labeller
     print0(f"data: {cfg.data_dir}: " + ", ".join(f"{s} {len(r)}" for s, r in records.items()))
     if cfg.t2v and any(r.views is None for r in records["train"]):
         print0("note: the annotation has no 'views' field, so the text-to-vision branch reads each report "
@@ -262,10 +265,11 @@ def main(argv=None):
         # checkpoint to keep (Sec. 4.1).
         rows = generate_reports(raw_model, val_ds, collate, tokenizer, cleaner, cfg, device, autocast)
         if master:
-            bleu4 = caption_scores([r["reference"] for r in rows], [r["generated"] for r in rows],
-                                   meteor=False)["BLEU_4"]
+            refs, hyps = [r["reference"] for r in rows], [r["generated"] for r in rows]
+            bleu4 = caption_scores(refs, hyps, meteor=False)["BLEU_4"]
             improved = bleu4 > loop["best_bleu4"]
-            print0(f"epoch {epoch}: val BLEU-4 {bleu4:.4f}{' (best so far, saved)' if improved else ''} "
+            clinical = f", clinical F1 {clinical_scores(refs, hyps, labeller)['f1']:.3f}" if labeller else ""
+            print0(f"epoch {epoch}: val BLEU-4 {bleu4:.4f}{clinical}{' (best so far, saved)' if improved else ''} "
                    f"[{time.time() - t_start:.0f} s]")
             if improved:
                 loop["best_bleu4"] = bleu4
@@ -278,9 +282,6 @@ def main(argv=None):
 
     # The test split, with the checkpoint that validation chose.
     raw_model.load_trainable_state_dict(load_checkpoint(best_path)["model"])
-    labeller = None
-    if cfg.dataset == "demo":                 # the demo's findings can be read back from any report
-        from demo import parse_findings as labeller
     evaluate_split(raw_model, cfg, "test", records, images_root, cleaner, collate, tokenizer, device,
                    autocast, out_dir=cfg.out_dir, labeller=labeller)
     if world > 1:

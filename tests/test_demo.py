@@ -126,7 +126,7 @@ def test_reports_look_like_reports():
         lengths.append(sum(w != "." for w in words))
     assert len(vocab) < 300
     lengths.sort()
-    assert 12 <= lengths[0] and 18 <= lengths[len(lengths) // 100] and lengths[-1] <= 65
+    assert 3 <= lengths[0] and 8 <= lengths[len(lengths) // 100] and lengths[-1] <= 65
 
 
 def test_lateral_studies_carry_only_what_a_lateral_view_shows():
@@ -184,8 +184,12 @@ def test_views_csv_matches(demo_root):
 # findings are in the pixels: toggle one finding on an otherwise identical study
 
 
+# the nuisance that moves pixels without changing findings, switched off where a test measures geometry
+STILL = dict(angle=0.0, gradient=(0.0, 0.0), electrodes=[], marker=None, arms=False)
+
+
 def _pair(findings, view="frontal", seed=0, **nuisance):
-    study = dict(demo.sample_study(random.Random(seed)), view=view, **nuisance)
+    study = dict(demo.sample_study(random.Random(seed)), view=view, **{**STILL, **nuisance})
     # the same rng seed gives the same noise, so the difference is the finding alone
     without = np.asarray(demo.render_image(dict(study, findings=frozenset({"no_finding"})), random.Random(9)), np.float32)
     with_ = np.asarray(demo.render_image(dict(study, findings=frozenset(findings)), random.Random(9)), np.float32)
@@ -232,7 +236,7 @@ def _dark_runs(row):
 def test_views_look_different(seed):
     # frontal: two dark lung fields either side of the spine; lateral: one oval field
     for view, runs in (("frontal", 2), ("lateral", 1)):
-        study = dict(demo.sample_study(random.Random(seed)), view=view, findings=frozenset({"no_finding"}))
+        study = dict(demo.sample_study(random.Random(seed)), view=view, findings=frozenset({"no_finding"}), **STILL)
         img = np.asarray(demo.render_image(study, random.Random(0)), np.float32)
         cx, cy = _centre(study)
         y, s = int(cy - 30 * study["scale"]), study["scale"]
