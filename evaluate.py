@@ -345,7 +345,7 @@ def main(argv=None):
     model.load_trainable_state_dict(ckpt["model"])
     model.to(device)
     images_root = os.path.join(cfg.data_dir, "images")
-    records = {s: load_annotation(os.path.join(cfg.data_dir, "annotation.json"), s, images_root)
+    records = {s: load_annotation(os.path.join(cfg.data_dir, cfg.annotation or "annotation.json"), s, images_root)
                for s in ("train", args.split)}
     cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
     collate = make_collate(tokenizer, text_tokenizer, cfg.max_report_tokens, cfg.max_text_tokens)

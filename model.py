@@ -37,6 +37,7 @@ class Config:
     # --- data
     dataset: str = "demo"            # demo | iu_xray | mimic_cxr: picks the report cleaner and the default paths
     data_dir: str = "demo_data"      # holds annotation.json and images/ (R2Gen release layout)
+    annotation: str = ""             # file in data_dir; "" = annotation_views.json (views added) if present, else annotation.json
     images_per_study: int = 1        # K: IU-Xray studies carry a frontal and a lateral image, MIMIC-CXR entries one
     resize: int = 256                # Sec. 4.1: shorter edge resized to 256 ...
     image_size: int = 224            # ... then a 224 x 224 crop (random for training, centre for evaluation)

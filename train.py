@@ -161,23 +161,27 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
 
     if cfg.dataset == "demo":
-        # The demo makes its data and pre-trains its frozen LLM the first time (never on test reports).
+        # The demo makes its data, pre-trains its frozen LLM (never on test reports) and labels every
+        # image's view with a classifier trained on training images (Sec. 3), the first time only.
         if master:
             import demo
+            import view_classifier
             demo.ensure_demo(cfg.data_dir, cfg.llm)
+            view_classifier.ensure_views(cfg.data_dir, labels="demo")
         if world > 1:
             dist.barrier()
-    ann = os.path.join(cfg.data_dir, "annotation.json")
+    ann = os.path.join(cfg.data_dir, cfg.annotation or ("annotation_views.json" if os.path.exists(
+        os.path.join(cfg.data_dir, "annotation_views.json")) else "annotation.json"))
     images_root = os.path.join(cfg.data_dir, "images")
     cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
     records = {s: load_annotation(ann, s, images_root) for s in ("train", "val", "test")}
     labeller = None
     if cfg.dataset == "demo":                 # the demo's findings can be read back from any report
         from demo import parse_findings as labeller
-    print0(f"data: {cfg.data_dir}: " + ", ".join(f"{s} {len(r)}" for s, r in records.items()))
+    print0(f"data: {ann}: " + ", ".join(f"{s} {len(r)}" for s, r in records.items()))
     if cfg.t2v and any(r.views is None for r in records["train"]):
-        print0("note: the annotation has no 'views' field, so the text-to-vision branch reads each report "
-               "without its view (Sec. 3 appends it); run view_classifier.py to add them")
+        print0(f"note: {ann} has no 'views' field, so the text-to-vision branch reads each report without "
+               "its view (Sec. 3 appends it); run view_classifier.py to write annotation_views.json")
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     text_tokenizer = AutoTokenizer.from_pretrained(cfg.text_tokenizer) if cfg.text_tokenizer else tokenizer
