@@ -8,7 +8,7 @@ fits both. A classifier trained "strictly on the training set images" labels eac
 text-to-vision branch reads the report with the view appended ("view: frontal.", see data.py). It is a
 preprocessing step only: it never sees a report and plays no part in training or testing the model.
 
-    python view_classifier.py --data_dir demo_data --labels demo       # ~30 s on a 2-core CPU
+    python view_classifier.py --data_dir demo_data --labels demo       # ~40 s on a 2-core CPU
     python view_classifier.py --data_dir data/mimic_cxr --labels mimic --metadata mimic-cxr-2.0.0-metadata.csv
     python view_classifier.py --data_dir data/iu_xray --labels csv --labels_csv my_views.csv
 
@@ -49,7 +49,7 @@ FRONTAL_POSITIONS = {"PA", "AP", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA R
 LATERAL_POSITIONS = {"LATERAL", "LL", "RL", "XTABLE LATERAL"}
 # Obliques (LAO, RAO, LPO, RPO) and the swimmer's view are neither; with no value at all (4% of
 # MIMIC-CXR) the view is unknown. These images are left out of training, and the classifier then says
-# which of the two views each one looks like. In MIMIC-CXR 2.0.0 the named ones are 9 images in all.
+# which of the two views each one looks like. In MIMIC-CXR 2.0.0 the named ones are 8 images in all.
 UNLABELLED_POSITIONS = {"", "LAO", "RAO", "LPO", "RPO", "SWIMMERS"}
 
 
@@ -99,8 +99,10 @@ def mimic_view_labels(metadata_csv) -> dict[str, str]:
             unknown.append(f"line {line}, dicom_id {row['dicom_id']!r}: {e}")
             continue
         if view is not None:
-            subject = row["subject_id"].strip()
-            labels[f"p{subject[:2]}/p{subject}/s{row['study_id'].strip()}/{row['dicom_id'].strip()}.jpg"] = view
+            dicom, subject, study = ((row[c] or "").strip() for c in ("dicom_id", "subject_id", "study_id"))
+            if not (dicom and subject and study):
+                raise DataError(f"{metadata_csv}: line {line}: empty dicom_id, subject_id or study_id: {row}")
+            labels[f"p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"] = view
     if unknown:
         more = f" (and {len(unknown) - 1} more rows)" if len(unknown) > 1 else ""
         raise DataError(f"{metadata_csv}: {unknown[0]}{more}")
@@ -232,6 +234,7 @@ def train_classifier(model, records, images_root, labels, epochs, batch_size, lr
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g,
                                              num_workers=num_workers)
         bar = tqdm(loader, desc=f"view classifier epoch {epoch + 1}/{epochs}", leave=False)
+        losses = []
         for x, y in bar:
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -240,7 +243,10 @@ def train_classifier(model, records, images_root, labels, epochs, batch_size, lr
             loss.backward()
             opt.step()
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        print(f"view classifier epoch {epoch + 1}/{epochs}: mean training loss {sum(losses) / len(losses):.4f}",
+              flush=True)
     return model.eval()
 
 
@@ -286,7 +292,7 @@ def write_annotation_with_views(annotation_path, out_path, views: dict[str, str]
             if missing:
                 raise DataError(f"{annotation_path}: split {split!r}, record {entry['id']!r}: no view for {missing}")
             entry["views"] = [views[p] for p in entry["image_path"]]
-    tmp = out_path + ".tmp"
+    tmp = f"{out_path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(ann, f, indent=1)
     os.replace(tmp, out_path)
@@ -331,8 +337,12 @@ def main(argv=None):
     annotation = os.path.join(args.data_dir, "annotation.json")
     images_root = os.path.join(args.data_dir, "images")
     out_path = os.path.join(args.data_dir, args.out)
-    labels = {"demo": lambda: demo_view_labels(args.data_dir), "mimic": lambda: mimic_view_labels(args.metadata),
-              "csv": lambda: csv_view_labels(args.labels_csv)}[args.labels]()
+    if args.labels == "mimic":
+        labels = mimic_view_labels(args.metadata)
+    elif args.labels == "csv":
+        labels = csv_view_labels(args.labels_csv)
+    else:
+        labels = demo_view_labels(args.data_dir)
     # load_annotation checks every image exists, so a missing file is reported here, naming its record
     records = {split: load_annotation(annotation, split, images_root) for split in SPLITS}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,7 +366,8 @@ def main(argv=None):
                   f"{s['recall_frontal']:.3f}, lateral recall {s['recall_lateral']:.3f}; "
                   f"majority class {majority:.3f})", flush=True)
     counts = {v: sum(p == v for p in predicted.values()) for v in VIEWS}
-    print(f"predicted {len(predicted)} images: " + ", ".join(f"{v} {n}" for v, n in counts.items()), flush=True)
+    print(f"predicted {len(predicted)} images ({sum(p not in labels for p in predicted)} without a label): "
+          + ", ".join(f"{v} {n}" for v, n in counts.items()), flush=True)
 
     # the classifier first, the annotation last: its presence (ensure_views' test) means both are done
     ckpt_path = os.path.join(os.path.dirname(out_path), CHECKPOINT)
