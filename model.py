@@ -78,6 +78,7 @@ class Config:
     out_dir: str = "out/demo"
     epochs: int = 6
     batch_size: int = 16             # per step, over all ranks (Sec. 4.1: 4 at full size)
+    micro_batch_size: int = 0        # per rank per forward; 0 = batch_size / ranks. Smaller: gradient accumulation
     eval_batch_size: int = 64
     lr: float = 1e-3                 # the tiny demo learns from scratch in minutes; the paper uses 1e-4
     min_lr: float = 0.0              # cosine annealing floor
