@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (BlipTextConfig, BlipTextModel, LlamaForCausalLM, ViTMAEConfig,
-                          ViTMAEForPreTraining)
+from transformers import (AutoTokenizer, BlipTextConfig, BlipTextModel, LlamaConfig, LlamaForCausalLM,
+                          SwinConfig, SwinModel, ViTMAEConfig, ViTMAEForPreTraining)
 
 
 # -----------------------------------------------------------------------------
@@ -46,11 +46,12 @@ class Config:
     # --- frozen LLM (vision-to-text decoder and text-to-vision generator)
     llm: str = "demo_data/llm"       # Hub id or local dir of a causal LM and its tokenizer, loaded frozen
     llm_dtype: str = "float32"       # bfloat16 at full size: the LLM is frozen, so its weights never need fp32
-    # --- vision encoder / decoder (ViT-MAE)
-    vision: str = ""                 # Hub id or local dir of ViTMAEForPreTraining; "" builds it at random from below
+    # --- vision encoder / decoder (ViT-MAE; or Swin, R2GenGPT's backbone, for Table 4)
+    backbone: str = "mae"            # mae | swin (Swin has no decoder: rec must be off)
+    vision: str = ""                 # Hub id or local dir of ViTMAEForPreTraining / SwinModel; "" = random from below
     patch_size: int = 32             # tiny: 7 x 7 = 49 visual tokens per image keeps the CPU demo fast
-    vision_width: int = 64           # dv
-    vision_layers: int = 2
+    vision_width: int = 64           # dv (Swin: the width of its last stage)
+    vision_layers: int = 2           # (Swin: the depth of its third stage; the others have 2 blocks)
     vision_heads: int = 4
     decoder_width: int = 64          # MAE decoder width
     decoder_layers: int = 1
@@ -64,8 +65,11 @@ class Config:
     # --- which losses (the paper's ablations, Table 3)
     t2v: bool = True                 # text-to-vision branch, Eq. 2
     rec: bool = True                 # image reconstruction branch
+    clip: bool = False               # the V2T+CLIP reference row of Table 3 (footnote 4)
     lambda_t2v: float = 1.0          # lambda1 in Eq. 3 (Sec. 4.1: 1, "without fine-tuning")
     lambda_rec: float = 1.0          # lambda2 in Eq. 3
+    lambda_clip: float = 1.0         # weight of the CLIP loss when clip is on (the paper gives none)
+    clip_dim: int = 512              # footnote 4: both sides projected to 512 dimensions
     t2v_reduction: str = "mean"      # squared error over dL: "mean" (default, see loss_t2v) or "sum" (Eq. 2)
     prompt_v2t: str = "write the findings of this chest x-ray"     # S_v2t, before E_v (the paper does not publish it)
     prompt_v2t_after: str = ":"      # the rest of S_v2t, between E_v and the report (as R2GenGPT's "<Img>E_v</Img> ...")
@@ -89,22 +93,58 @@ class Config:
     log_every: int = 20              # steps between loss prints
     ckpt_every: int = 200            # steps between mid-epoch resumable checkpoints
 
+    def __post_init__(self):
+        # Refuse combinations that would build a different model than the one asked for.
+        if self.backbone not in ("mae", "swin"):
+            raise ValueError(f"backbone must be 'mae' or 'swin', got {self.backbone!r}")
+        if self.backbone == "swin" and self.rec:
+            raise ValueError("rec needs the MAE decoder; the Swin backbone (Table 4) trains with rec false")
+        if self.t2v_reduction not in ("mean", "sum"):
+            raise ValueError(f"t2v_reduction must be 'mean' or 'sum', got {self.t2v_reduction!r}")
+        if self.images_per_study not in (1, 2):
+            raise ValueError(f"images_per_study must be 1 (MIMIC-CXR) or 2 (IU-Xray), got {self.images_per_study}")
+
 
 def tiny(**overrides) -> Config:
     """CPU-sized model trained on the built-in demo in a few minutes (the defaults above)."""
     return Config(**overrides)
 
 
+# Full-size shapes, as the Hub configs of the paper's checkpoints give them. The Config fields of the
+# `paper` preset repeat them, so that the same model can be built with random weights (bench.py, the
+# meta-device test) or loaded from the checkpoints.
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 bos_token_id=1, eos_token_id=2)
+VIT_MAE_LARGE = dict(patch_size=16, vision_width=1024, vision_layers=24, vision_heads=16,
+                     decoder_width=512, decoder_layers=8, decoder_heads=16)
+SWIN_BASE = dict(vision="microsoft/swin-base-patch4-window7-224", patch_size=4, vision_width=1024,
+                 vision_layers=18, vision_heads=32)   # R2GenGPT's visual encoder (Table 4)
+BLIP_BASE_TEXT = dict(text_width=768, text_layers=12, text_heads=12)
+
+# Per dataset: report lengths as R2Gen (max_seq_length 60 / 100) and R2GenGPT (max_length 60 / 100,
+# max_new_tokens 100 / 120) use them; epochs from Sec. 4.1 (2 on IU-Xray, 5 on MIMIC-CXR).
+PAPER_DATASETS = {
+    "iu_xray": dict(epochs=2, max_report_tokens=60, max_new_tokens=100, images_per_study=2),
+    "mimic_cxr": dict(epochs=5, max_report_tokens=100, max_new_tokens=120, images_per_study=1),
+}
+
+
 def paper(**overrides) -> Config:
-    """Sec. 4.1: Llama-2-7B-chat (frozen, bf16), MAE-large encoder/decoder, BLIP-base text encoder."""
+    """Sec. 4.1: Llama-2-7B-chat (frozen, bf16), MAE-large encoder/decoder, BLIP-base text encoder,
+    batch 4, AdamW at 1e-4 with cosine annealing, beam 3, lambda1 = lambda2 = 1.
+    `backbone="swin"` gives Table 4's R2GenGPT backbone (Swin-B) with the same LLM and T2V."""
     cfg = dict(
         llm="meta-llama/Llama-2-7b-chat-hf", llm_dtype="bfloat16",
-        vision="facebook/vit-mae-large", patch_size=16, vision_width=1024,
+        vision="facebook/vit-mae-large", **VIT_MAE_LARGE,
         text_encoder="Salesforce/blip-image-captioning-base",
-        text_tokenizer="Salesforce/blip-image-captioning-base", text_width=768,
+        text_tokenizer="Salesforce/blip-image-captioning-base", **BLIP_BASE_TEXT,
         grad_checkpointing=True, batch_size=4, eval_batch_size=16, lr=1e-4, num_workers=8,
-        max_report_tokens=100, max_new_tokens=100, max_text_tokens=128,
+        max_text_tokens=128,
     )
+    cfg.update(PAPER_DATASETS.get(overrides.get("dataset", "mimic_cxr"), {}))
+    if overrides.get("backbone") == "swin":
+        cfg.update(SWIN_BASE, rec=False)
     cfg.update(overrides)
     return Config(**cfg)
 
@@ -125,10 +165,32 @@ def config_from_dict(d: dict) -> Config:
 # Building the pretrained parts (Hub id or local dir, or random from the config)
 
 
-def build_vision(cfg: Config) -> ViTMAEForPreTraining:
+def _refuse_missing(name: str, info: dict, allowed=()):
+    """from_pretrained leaves any weight it did not find at random init and only logs it: refuse instead."""
+    missing = [k for k in info["missing_keys"] if not any(a in k for a in allowed)]
+    if missing or info.get("mismatched_keys"):
+        raise ValueError(f"{name}: {len(missing)} weights missing from the checkpoint (they would stay random): "
+                         f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
+                         f"{'; shape mismatches: ' + str(info['mismatched_keys'][:5]) if info.get('mismatched_keys') else ''}")
+
+
+def build_vision(cfg: Config):
+    """The vision encoder (and, for MAE, its decoder): a Hub id or local dir, or random from the fields."""
+    if cfg.backbone == "swin":
+        if cfg.vision:   # SwinModel strips the classification checkpoint's "swin." prefix itself
+            swin, info = SwinModel.from_pretrained(cfg.vision, add_pooling_layer=False, output_loading_info=True)
+            _refuse_missing(cfg.vision, info)
+            return swin
+        h = cfg.vision_heads
+        return SwinModel(SwinConfig(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_width // 8,
+            depths=[2, 2, cfg.vision_layers, 2], num_heads=[max(1, h // 8), max(1, h // 4), max(1, h // 2), h],
+            window_size=7), add_pooling_layer=False)
     if cfg.vision:
         # mask_ratio=0: every patch is encoded (the paper's encoder sees the whole image)
-        return ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0)
+        mae, info = ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0, output_loading_info=True)
+        _refuse_missing(cfg.vision, info)
+        return mae
     return ViTMAEForPreTraining(ViTMAEConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
@@ -137,11 +199,17 @@ def build_vision(cfg: Config) -> ViTMAEForPreTraining:
         decoder_intermediate_size=4 * cfg.decoder_width, mask_ratio=0.0, norm_pix_loss=False))
 
 
+# Where BLIP checkpoints keep the BERT text model: the captioning model (the paper's footnote,
+# Salesforce/blip-image-captioning-base) under text_decoder.bert.*, the ITM/retrieval models under
+# text_encoder.*; a bare BlipTextModel's keys need no mapping. (BLIP-VQA holds both; not supported.)
+BLIP_TEXT_KEYS = {r"^text_decoder\.bert\.": "", r"^text_encoder\.": ""}
+
+
 def build_text_encoder(cfg: Config, vocab_size: int, pad_id: int) -> BlipTextModel:
     # is_decoder=False: a text *encoder* (bidirectional attention, no cross-attention blocks, whose
     # parameters would never receive a gradient); no pooler, which nothing here uses.
     if cfg.text_encoder:
-        return BlipTextModel.from_pretrained(cfg.text_encoder, is_decoder=False, add_pooling_layer=False)
+        return load_blip_text_encoder(cfg.text_encoder)
     return BlipTextModel(BlipTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads, intermediate_size=4 * cfg.text_width,
@@ -150,8 +218,21 @@ def build_text_encoder(cfg: Config, vocab_size: int, pad_id: int) -> BlipTextMod
         add_pooling_layer=False)
 
 
+def load_blip_text_encoder(name: str) -> BlipTextModel:
+    """BLIP's BERT text model from a full BLIP checkpoint (captioning or ITM layout) or a bare one.
+
+    BlipTextModel.from_pretrained(<full BLIP checkpoint>) finds none of its keys and returns a random
+    model without an error: we map the prefixes and refuse any weight that is still missing."""
+    model, info = BlipTextModel.from_pretrained(name, is_decoder=False, add_pooling_layer=False,
+                                                key_mapping=BLIP_TEXT_KEYS, output_loading_info=True)
+    _refuse_missing(f"{name} (BLIP text model, looked for under text_decoder.bert.* and text_encoder.*)", info)
+    return model
+
+
 def load_frozen_llm(cfg: Config) -> LlamaForCausalLM:
-    llm = LlamaForCausalLM.from_pretrained(cfg.llm, dtype=getattr(torch, cfg.llm_dtype))
+    llm, info = LlamaForCausalLM.from_pretrained(cfg.llm, dtype=getattr(torch, cfg.llm_dtype),
+                                                 output_loading_info=True)
+    _refuse_missing(cfg.llm, info)
     # The one place the LLM is frozen (Sec. 3: "this design ensures the LLM remains frozen").
     llm.requires_grad_(False)
     if cfg.grad_checkpointing:
@@ -159,6 +240,60 @@ def load_frozen_llm(cfg: Config) -> LlamaForCausalLM:
         # E_v and E_t, although no LLM parameter requires grad.
         llm.activation_checkpointing_enable()
     return llm
+
+
+def load_tokenizer(name: str):
+    """The LLM's (or text encoder's) tokenizer. Llama-2's ships without a pad token: padded positions
+    are masked everywhere, so any id would do; we use <unk> (id 0), as R2GenGPT does, never EOS, whose
+    position in each report the loss must learn."""
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token
+    return tok
+
+
+def random_llm(dtype=torch.float32, **shape) -> LlamaForCausalLM:
+    """A frozen LLM with random weights and the given shape (e.g. LLAMA2_7B), for bench.py and the
+    meta-device parameter count; nothing is downloaded. Built directly in `dtype` (7B in fp32 is 27 GB)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        llm = LlamaForCausalLM(LlamaConfig(**shape))
+    finally:
+        torch.set_default_dtype(default)
+    llm.requires_grad_(False)
+    return llm
+
+
+class StandInTokenizer:
+    """Just enough of a tokenizer to build a full-size model with random weights when the real one is
+    not on the machine (bench.py, the meta-device count): one id per word, Llama-2's special ids."""
+
+    def __init__(self, vocab_size: int, bos_token_id=1, eos_token_id=2, pad_token_id=0):
+        self.vocab_size, self.bos_token_id, self.eos_token_id, self.pad_token_id = \
+            vocab_size, bos_token_id, eos_token_id, pad_token_id
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __call__(self, text, add_special_tokens=False):
+        import types
+        import zlib
+        ids = [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()]
+        return types.SimpleNamespace(input_ids=ids)
+
+
+def random_full_size(cfg: Config, dtype=torch.bfloat16) -> "ReportGenerator":
+    """The model of `cfg` (e.g. the paper preset) at full size with random weights and stand-in
+    tokenizers, built on the current default device (use `with torch.device("meta"):` to count
+    parameters without memory, or "cuda" for bench.py). Nothing is downloaded."""
+    import dataclasses
+    shape = dict(LLAMA2_7B) if cfg.llm.startswith("meta-llama/Llama-2-7b") else None
+    if shape is None:
+        raise ValueError(f"random_full_size knows the shape of Llama-2-7B only, not {cfg.llm!r}")
+    llm = random_llm(dtype, **shape)
+    random_cfg = dataclasses.replace(cfg, vision="", text_encoder="")    # same shapes, random weights
+    return ReportGenerator(random_cfg, llm, StandInTokenizer(shape["vocab_size"]), StandInTokenizer(30524))
 
 
 def left_align(x, mask):
@@ -189,10 +324,14 @@ class ReportGenerator(nn.Module):
         self.cfg = cfg
         self.llm = llm
         dL = llm.config.hidden_size
-        mae = build_vision(cfg)
-        self.vision_encoder = mae.vit                                 # g_v, theta_v
-        dv = mae.config.hidden_size
-        self.patch_size = mae.config.patch_size
+        vision = build_vision(cfg)
+        if cfg.backbone == "swin":
+            self.vision_encoder = vision                              # g_v: Swin-B in R2GenGPT (Table 4)
+            dv = vision.num_features
+        else:
+            self.vision_encoder = vision.vit                          # g_v, theta_v
+            dv = vision.config.hidden_size
+            self.patch_size = vision.config.patch_size
         self.visual_mapper = nn.Linear(dv, dL)                        # m_v
         if cfg.t2v:
             text_tokenizer = text_tokenizer or tokenizer
@@ -200,9 +339,13 @@ class ReportGenerator(nn.Module):
             self.text_mapper = nn.Linear(self.text_encoder.config.hidden_size, dL)                          # m_t
         if cfg.rec:
             self.rec_mapper = nn.Linear(dL, dv)                       # m'_v
-            self.vision_decoder = mae.decoder                         # g_vd, theta_vd
+            self.vision_decoder = vision.decoder                      # g_vd, theta_vd
             # No patch is ever masked (mask_ratio 0), so the mask token takes no part in the loss.
             self.vision_decoder.mask_token.requires_grad_(False)
+        if cfg.clip:                                                  # Table 3's V2T+CLIP row (footnote 4)
+            self.clip_visual = nn.Linear(dL, cfg.clip_dim)
+            self.clip_text = nn.Linear(dL, cfg.clip_dim)
+            self.clip_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self._init_mappers_to_word_scale()
         # Prompts are tokenized once here, never in forward. They start with the tokenizer's BOS, as
         # every sequence the LLM was pre-trained on does.
@@ -235,6 +378,9 @@ class ReportGenerator(nn.Module):
         """g_v: (B, K, C, H, W) -> Z_v (B, Np, dv), every patch of every image in natural order."""
         B, K = pixel_values.shape[:2]
         x = pixel_values.flatten(0, 1)                                 # (B*K, C, H, W)
+        if self.cfg.backbone == "swin":                                # its last stage's tokens, raster order
+            z = self.vision_encoder(pixel_values=x).last_hidden_state  # (B*K, N, dv): 7 x 7 at 224
+            return z.reshape(B, -1, z.shape[-1])
         N = (x.shape[-1] // self.patch_size) * (x.shape[-2] // self.patch_size)
         # At mask_ratio 0 ViT-MAE still shuffles the patches by random noise; an increasing ramp keeps
         # them in their natural (raster) order, so visual token i is always patch i.
@@ -333,6 +479,31 @@ class ReportGenerator(nn.Module):
         target = self.patchify(pixel_values.flatten(0, 1))              # (B*K, N, p*p*C)
         return F.mse_loss(pred.float(), target.float())
 
+    def loss_clip(self, E_v, report_ids, report_mask):
+        """Footnote 4, the V2T+CLIP reference: the visual embeddings and the LLM's word embeddings of
+        the report, each mean-pooled and projected to 512 dimensions by its own linear layer, are
+        aligned by CLIP's symmetric contrastive loss over the batch.
+
+        Our choices where the footnote is silent: E_v (what the LLM reads) is the visual side; the
+        pooling is a mean over visual tokens and over report tokens; the negatives are the other studies
+        of the *global* batch (gathered from every rank, with gradient), as CLIP does."""
+        m = report_mask.unsqueeze(-1).to(E_v.dtype)                     # (B, L, 1)
+        words = (self._embed(report_ids).to(E_v.dtype) * m).sum(1) / m.sum(1)  # (B, dL), frozen table
+        v = F.normalize(self.clip_visual(E_v.mean(1)).float(), dim=-1)  # (B, 512)
+        t = F.normalize(self.clip_text(words).float(), dim=-1)          # (B, 512)
+        offset = 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            import torch.distributed.nn.functional as dist_fn            # all_gather that passes gradients back
+            offset = torch.distributed.get_rank() * v.shape[0]
+            t = torch.cat(dist_fn.all_gather(t), 0)                     # (B * world, 512)
+            v_all = torch.cat(dist_fn.all_gather(v), 0)
+        else:
+            v_all = v
+        scale = self.clip_logit_scale.clamp(max=math.log(100)).exp()    # CLIP caps the scale at 100
+        labels = torch.arange(v.shape[0], device=v.device) + offset
+        # this rank's rows of the global similarity matrix, both directions
+        return 0.5 * (F.cross_entropy(scale * v @ t.T, labels) + F.cross_entropy(scale * t[labels] @ v_all.T, labels))
+
     def forward(self, pixel_values, report_ids, report_mask, text_ids=None, text_mask=None):
         """Eq. 3: L_TOTAL = L_VTC + lambda1 L_TVC + lambda2 L_REC. Returns every term for logging."""
         E_v = self.visual_embeddings(pixel_values)                      # (B, Np, dL)
@@ -344,6 +515,9 @@ class ReportGenerator(nn.Module):
         if self.cfg.rec:
             losses["rec"] = self.loss_rec(E_v, pixel_values)
             total = total + self.cfg.lambda_rec * losses["rec"]
+        if self.cfg.clip:
+            losses["clip"] = self.loss_clip(E_v, report_ids, report_mask)
+            total = total + self.cfg.lambda_clip * losses["clip"]
         losses["loss"] = total
         return losses
 
@@ -387,11 +561,11 @@ class ReportGenerator(nn.Module):
 
     def parameter_counts(self):
         """Parameters per component, and how many are trained."""
-        groups = {"llm (frozen)": self.llm, "vision_encoder": self.vision_encoder,
-                  "visual_mapper": self.visual_mapper}
-        for name in ("text_encoder", "text_mapper", "rec_mapper", "vision_decoder"):
-            if hasattr(self, name):
-                groups[name] = getattr(self, name)
-        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in groups.items()}
+        counts = {"llm (frozen)": sum(p.numel() for p in self.llm.parameters())}
+        for name, module in self.named_children():
+            if name != "llm":
+                counts[name] = sum(p.numel() for p in module.parameters())
+        for name, p in self.named_parameters(recurse=False):            # e.g. the CLIP temperature
+            counts[name] = p.numel()
         counts["trained"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
