@@ -219,3 +219,16 @@ def test_clip_loss_prefers_matching_pairs(tokenizer, llm_dir):
         aligned = model.loss_clip(words.unsqueeze(1).expand_as(E_v), ids, mask)
         shuffled = model.loss_clip(words.roll(1, 0).unsqueeze(1).expand_as(E_v), ids, mask)
     assert aligned < torch.log(torch.tensor(2.0)) < shuffled
+
+
+def test_each_ablation_trains_under_torchrun_with_2_processes(llm_dir):
+    import subprocess
+    import sys
+    worker = os.path.join(ROOT, "tests", "ddp_ablations.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", worker, llm_dir],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    done = [line.split(":")[0][3:] for line in out.stdout.splitlines() if line.startswith("ok ")]
+    assert done == list(ABLATIONS)
+    assert "clip_visual" in out.stdout and "vision_decoder" in out.stdout
