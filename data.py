@@ -301,3 +301,131 @@ def make_collate(llm_tokenizer, text_tokenizer, max_report_tokens: int, max_text
         )
 
     return collate
+
+
+# -----------------------------------------------------------------------------
+# one-time preparation at MIMIC-CXR scale: every image stored with its shorter edge at `resize`
+#
+# MIMIC-CXR's JPEGs are about 2500 x 3000 pixels; decoding one and resizing it costs far more than
+# everything else the loader does, and training repeats it every epoch. Done once, the prepared images
+# give the model exactly the same input: the resize below is image_transform's own, so the dataset's
+# resize of a prepared image is a no-op (torchvision returns an image already at the size as is).
+#
+#     python data.py prepare --src data/mimic_cxr/images --dst data/mimic_cxr_256/images --workers 8
+
+
+def annotation_image_paths(annotation, images_root) -> list[str]:
+    """Every image path (relative to images_root) of every split of an annotation.json, once each, sorted.
+    The annotation goes through load_annotation's checks, so a missing image is named before any work."""
+    paths = {p for split in SPLITS for r in load_annotation(annotation, split, images_root) for p in r.image_paths}
+    return sorted(paths)
+
+
+def _is_prepared(path, size: int) -> bool:
+    """True if `path` decodes and its shorter edge is `size`: what an earlier run wrote completely."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return min(img.size) == size
+    except (OSError, SyntaxError, ValueError):  # missing, truncated or not an image
+        return False
+
+
+def prepare_image(src, dst, size: int = 256) -> str:
+    """Write `src` with its shorter edge resized to `size` to `dst` (the format of dst's extension).
+
+    Returns "skipped" when dst is already a valid prepared image, else "written". The image goes
+    through load_image (16-bit PNGs are scaled, not clipped) and the same TF.resize as image_transform.
+    A grey image is stored as one channel (load_image copies it back to three: the same pixels).
+    JPEG outputs are re-encoded at quality 95 (MIMIC-CXR-JPG's own); PNG outputs are lossless, so the
+    dataset then gives bit-identical tensors. The file appears atomically (a temp file, then
+    os.replace): an interrupted run leaves at most a stale dst + ".part", which the next run rewrites."""
+    if _is_prepared(dst, size):
+        return "skipped"
+    fmt = Image.registered_extensions().get(os.path.splitext(dst)[1].lower())
+    if fmt is None:
+        raise DataError(f"{src}: no image format for the extension of {dst}")
+    img = TF.resize(load_image(src), size)
+    a = np.asarray(img)
+    if (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all():
+        img = img.convert("L")
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = dst + ".part"
+    img.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    os.replace(tmp, dst)
+    return "written"
+
+
+def _prepare_task(task) -> tuple[str, str]:
+    """Pool worker: (status, error message naming the file) for one (src, dst, size)."""
+    src, dst, size = task
+    try:
+        return prepare_image(src, dst, size), ""
+    except DataError as e:            # load_image's message already starts with the file's path
+        return "failed", str(e)
+    except Exception as e:            # e.g. a full disk: name the file, keep going with the others
+        return "failed", f"{src} -> {dst}: {type(e).__name__}: {e}"
+
+
+def prepare_images(annotation, src_root, dst_root, size: int = 256, workers: int = 8,
+                   progress: bool = True) -> dict[str, int]:
+    """Store every image of `annotation` under dst_root, at the same relative path, shorter edge `size`.
+
+    Parallel (a process pool, unordered), resumable (valid outputs are skipped, so a rerun after an
+    interruption redoes only what is missing) and complete: a bad image does not stop the others; the
+    failures are raised together at the end, each naming its file. Returns {"written", "skipped"}."""
+    from contextlib import nullcontext
+    from multiprocessing import Pool
+
+    from tqdm import tqdm
+
+    if os.path.realpath(src_root) == os.path.realpath(dst_root):
+        raise DataError(f"--dst {dst_root} is the source images root: the originals would be overwritten")
+    rel = annotation_image_paths(annotation, src_root)
+    tasks = [(os.path.join(src_root, p), os.path.join(dst_root, p), size) for p in rel]
+    counts, failures = {"written": 0, "skipped": 0}, []
+    # leaving the Pool's `with` terminates its workers: at once on Ctrl-C, after the last result otherwise
+    with tqdm(total=len(tasks), unit="img", desc="preparing", disable=not progress) as bar, \
+            (Pool(workers) if workers > 1 else nullcontext()) as pool:
+        results = pool.imap_unordered(_prepare_task, tasks, chunksize=16) if pool else map(_prepare_task, tasks)
+        for status, error in results:
+            if status == "failed":
+                failures.append(error)
+            else:
+                counts[status] += 1
+            bar.update()
+    if failures:
+        shown = "\n  ".join(sorted(failures)[:20])
+        raise DataError(f"{len(failures)} of {len(tasks)} images could not be prepared "
+                        f"({counts['written']} written, {counts['skipped']} already there):\n  {shown}"
+                        + ("\n  ..." if len(failures) > 20 else ""))
+    return counts
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(description="One-time image preparation: every image of an annotation.json "
+                                "with its shorter edge resized, at the same relative paths.", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="resize every image once (resumable, parallel)")
+    prep.add_argument("--src", required=True, help="the images root the annotation's image_path entries are relative to")
+    prep.add_argument("--dst", required=True, help="the prepared images root (created; same relative paths)")
+    prep.add_argument("--annotation", help="default: annotation.json beside --src")
+    prep.add_argument("--size", type=int, default=256, help="shorter edge; must equal the Config field `resize`")
+    prep.add_argument("--workers", type=int, default=8, help="processes (0 or 1: in this process)")
+    args = p.parse_args(argv)
+    annotation = args.annotation or os.path.join(os.path.dirname(os.path.abspath(args.src)), "annotation.json")
+    t0 = time.time()
+    try:
+        counts = prepare_images(annotation, args.src, args.dst, args.size, args.workers)
+    except DataError as e:  # bad input: the message names the files; no traceback needed
+        sys.exit(f"data.py: error: {e}")
+    print(f"{counts['written']} images written, {counts['skipped']} already prepared, in {time.time() - t0:.0f} s. "
+          f"Use {args.dst} as the images root: <data_dir>/images beside <data_dir>/{os.path.basename(annotation)}.")
+
+
+if __name__ == "__main__":
+    main()
