@@ -429,7 +429,7 @@ def bench_generate(run, cfg, llm, batch_size):
         with run.autocast:
             outputs[key].append(model.generate(pixels))
 
-    reps = max(1, run.repeats // 3)
+    reps = max(1, run.repeats // 2)
     run.memory.reset()
     times = {"full": [], "V2T": []}
     for _ in range(reps):                          # alternate, so drift in machine load hits both alike
@@ -636,7 +636,7 @@ def format_row(r) -> str:
         eff = f"  MFU {r['mfu']:.1%} HFU {r['hfu']:.1%}" if "mfu" in r else f"  {r['achieved_tflops']:.3f} TFLOP/s"
         return (f"{r['part']:<9}{r['setting']:<14}b {r['batch']:>2}/{r['micro_batch']:<2} {r['s_per_step'] * 1e3:9.1f} ms/step "
                 f"{r['samples_per_s']:8.2f} samples/s {r['llm_tokens_per_s']:10.0f} LLM tok/s{eff}  {mem}"
-                f"  (estimate {r['estimated_peak_bytes'] / GiB:.2f} GiB)")
+                + (f" (estimate {r['estimated_peak_bytes'] / GiB:.2f})" if "peak_allocated" in r else ""))
     if r["part"] == "generate":
         return (f"{r['part']:<9}{r['setting']:<14}b {r['batch']:>2} beam {r['beams']} x {r['max_new_tokens']} tok "
                 f"{r['s_per_batch']:8.3f} s/batch {r['reports_per_s']:8.2f} reports/s  same E_v: "

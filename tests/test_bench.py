@@ -120,10 +120,13 @@ def test_cpu_peak_memory_is_per_measurement():
 
 
 def test_command_line_runs_each_part_and_writes_the_figures(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    bench.main(["--parts", "train,accum,generate,eval,loader", "--repeats", "1", "--warmup", "0",
-                "--batch_size", "2", "--eval_batch_size", "2", "--max_new_tokens", "2", "--singles", "1",
-                "--loader_images", "2", "--json", str(out)])
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        bench.main(["--parts", "train,accum,generate,eval,loader", "--repeats", "1", "--warmup", "0",
+                    "--batch_size", "2", "--eval_batch_size", "2", "--max_new_tokens", "2", "--singles", "1",
+                    "--loader_images", "2", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     figures = json.loads(out.read_text())
     rows = figures["rows"]
     assert not [r for r in rows if "error" in r]
