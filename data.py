@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,12 +106,56 @@ class Record:
     views: list[str] | None  # "frontal"/"lateral" per image if the annotation has "views", else None
 
 
+def _entry_problem(entry, split: str, seen: set, first: "Record | None", images_root) -> str:
+    """What is wrong with one annotation entry ('' if nothing); `first` is the split's first good record."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    for key, typ in (("id", str), ("report", str), ("image_path", list), ("split", str)):
+        if key not in entry:
+            return f"missing key {key!r}"
+        if not isinstance(entry[key], typ):
+            return f"{key!r} should be a {typ.__name__}, got {type(entry[key]).__name__}"
+    if entry["id"] in seen:
+        return "duplicate id"
+    seen.add(entry["id"])
+    if entry["split"] != split:
+        return f"its 'split' field says {entry['split']!r} but it is listed under {split!r}"
+    if not entry["report"].strip():
+        return "empty report"
+    try:
+        entry["report"].encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates; tokenizers refuse them
+        return f"the report is not valid Unicode text ({e.reason} at character {e.start})"
+    paths = entry["image_path"]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        return f"'image_path' should be a non-empty list of paths, got {paths!r}"
+    # the collate stacks images into (B, K, C, H, W), so K must be the same for the whole split
+    if first is not None and len(paths) != len(first.image_paths):
+        return f"has {len(paths)} images but record {first.id!r} has {len(first.image_paths)}"
+    views = entry.get("views")
+    if views is not None:
+        if not isinstance(views, list) or len(views) != len(paths):
+            return f"'views' should be a list of {len(paths)} (one per image), got {views!r}"
+        if any(v not in VIEWS for v in views):
+            return f"'views' has a value not in {VIEWS}: {views!r}"
+    for p in paths:
+        if not os.path.isfile(os.path.join(images_root, p)):
+            return f"image file {os.path.join(images_root, p)} does not exist"
+    return ""
+
+
 def load_annotation(path, split: str, images_root) -> list[Record]:
-    """Read one split of R2Gen's annotation.json, refusing anything the training loop would trip on later."""
+    """Read one split of R2Gen's annotation.json, refusing anything the training loop would trip on later.
+
+    Every bad record stops the run here, at start-up, with one DataError that lists them all (the
+    first 20), each by id and problem: missing or mistyped keys, duplicate ids, a record under the
+    wrong split, an empty or whitespace-only report, text that is not valid Unicode, a missing image
+    file. Fixing them all takes one pass, not one run per record. The file itself must be UTF-8
+    (a leading byte-order mark is accepted)."""
     if split not in SPLITS:
         raise DataError(f"{path}: unknown split {split!r}; expected one of {SPLITS}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             ann = json.load(f)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e})") from e
@@ -119,48 +164,24 @@ def load_annotation(path, split: str, images_root) -> list[Record]:
     except OSError as e:
         raise DataError(f"{path}: cannot read the annotation ({e.strerror})") from e
     if not isinstance(ann, dict) or split not in ann:
-        raise DataError(f"{path}: no split {split!r} at the top level")
+        has = sorted(ann) if isinstance(ann, dict) else type(ann).__name__
+        raise DataError(f"{path}: no split {split!r} at the top level (it has {has}; expected {SPLITS})")
     if not isinstance(ann[split], list):
         raise DataError(f"{path}: split {split!r} is not a list of records")
 
-    records, seen = [], set()
+    records, seen, problems = [], set(), []
     for i, entry in enumerate(ann[split]):
-        rid = entry.get("id") if isinstance(entry, dict) else None
-        where = f"{path}: split {split!r}, record " + (repr(rid) if isinstance(rid, str) else f"#{i}")
-
-        def fail(problem):
-            raise DataError(f"{where}: {problem}")
-
-        if not isinstance(entry, dict):
-            fail(f"is a {type(entry).__name__}, not an object")
-        for key, typ in (("id", str), ("report", str), ("image_path", list), ("split", str)):
-            if key not in entry:
-                fail(f"missing key {key!r}")
-            if not isinstance(entry[key], typ):
-                fail(f"{key!r} should be a {typ.__name__}, got {type(entry[key]).__name__}")
-        if entry["id"] in seen:
-            fail("duplicate id")
-        seen.add(entry["id"])
-        if entry["split"] != split:
-            fail(f"its 'split' field says {entry['split']!r} but it is listed under {split!r}")
-        if not entry["report"].strip():
-            fail("empty report")
-        paths = entry["image_path"]
-        if not paths or not all(isinstance(p, str) and p for p in paths):
-            fail(f"'image_path' should be a non-empty list of paths, got {paths!r}")
-        # the collate stacks images into (B, K, C, H, W), so K must be the same for the whole split
-        if records and len(paths) != len(records[0].image_paths):
-            fail(f"has {len(paths)} images but record {records[0].id!r} has {len(records[0].image_paths)}")
-        views = entry.get("views")
-        if views is not None:
-            if not isinstance(views, list) or len(views) != len(paths):
-                fail(f"'views' should be a list of {len(paths)} (one per image), got {views!r}")
-            if any(v not in VIEWS for v in views):
-                fail(f"'views' has a value not in {VIEWS}: {views!r}")
-        for p in paths:
-            if not os.path.isfile(os.path.join(images_root, p)):
-                fail(f"image file {os.path.join(images_root, p)} does not exist")
-        records.append(Record(entry["id"], entry["report"], list(paths), split, views))
+        problem = _entry_problem(entry, split, seen, records[0] if records else None, images_root)
+        if problem:
+            rid = entry.get("id") if isinstance(entry, dict) else None
+            problems.append(f"record {rid!r}: {problem}" if isinstance(rid, str) else f"record #{i}: {problem}")
+        else:
+            records.append(Record(entry["id"], entry["report"], list(entry["image_path"]), split,
+                                  entry.get("views")))
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{path}: split {split!r}: {len(problems)} bad record(s); fix or remove them:\n  "
+                        + "\n  ".join(problems[:20]) + more)
     return records
 
 
@@ -172,12 +193,32 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+# A limit on the pixels of one image, checked from the header before anything is decoded. MIMIC-CXR's
+# largest images have about 4,300 x 3,500 = 15 M pixels; an image several times that is a wrong file
+# or a corrupt header, and decoding it (PIL's own limit is 179 M) would take seconds and gigabytes
+# in every worker. Raise it here if your data really is that large.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
 def load_image(path) -> Image.Image:
-    """Open an X-ray as 8-bit RGB: grayscale is copied to 3 channels, 16-bit is scaled (not clipped)."""
+    """Open an X-ray as 8-bit RGB, or raise DataError naming the file and the problem.
+
+    Grayscale ('L') is copied to 3 channels; 16-bit grayscale ('I;16', 'I') is scaled, not clipped;
+    palette ('P') and bilevel ('1') images go through their palette; an alpha channel is dropped.
+    Refused: a missing, truncated or corrupt file, and more than MAX_IMAGE_PIXELS pixels."""
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # PIL warns above 89 M pixels; MAX_IMAGE_PIXELS decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise DataError(f"{path}: image is {w} x {h} = {w * h / 1e6:.0f} M pixels, above the limit of "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} M (data.MAX_IMAGE_PIXELS): a wrong file or a "
+                            "corrupt header? downscale it, or raise the limit")
         img.load()  # decode now, so a truncated or corrupt file fails here and not in a worker later
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for bad files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: cannot read image ({e})") from e
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit PNGs (e.g. converted from DICOM): map the full 0..65535 range linearly onto 0..255.
@@ -206,12 +247,40 @@ def image_transform(img, train: bool, rng: random.Random, resize=256, crop=224) 
 # dataset
 
 
+# A training record whose image cannot be read is replaced by the next readable record (see
+# ReportDataset); this many unreadable in a row means a broken images directory, not a few bad files.
+MAX_BAD_IN_A_ROW = 10
+
+
+def clean_reports(records, cleaner) -> list[str]:
+    """Every record's report through `cleaner`; DataError naming the records whose report cleans to
+    nothing (e.g. '...' or '___'): as a training target it would be EOS alone, as a reference empty."""
+    reports = [cleaner(r.report) for r in records]
+    empty = [r.id for r, text in zip(records, reports) if not text]
+    if empty:
+        raise DataError(f"{len(empty)} record(s) of split {records[0].split!r} have a report that is empty "
+                        f"after cleaning (only punctuation or anonymisation marks); fix or remove them: "
+                        f"{empty[:20]}{' ...' if len(empty) > 20 else ''}")
+    return reports
+
+
 class ReportDataset(torch.utils.data.Dataset):
-    def __init__(self, records, images_root, cleaner, train: bool, resize=256, crop=224, seed=0):
+    """Records -> dict(id, pixel_values (K, C, H, W), report (cleaned), views, skipped).
+
+    An image that cannot be read (missing, truncated, corrupt, too large: load_image) is found only
+    when it is decoded, possibly days into a run. With substitute_bad_images (training), the record is
+    replaced by the next readable one of the list and item["skipped"] holds one message per record
+    passed over, naming it and the problem, for the training log to print and count. Without it
+    (evaluation), DataError names the record: a test set with a study silently replaced would no
+    longer be the test set."""
+
+    def __init__(self, records, images_root, cleaner, train: bool, resize=256, crop=224, seed=0,
+                 substitute_bad_images=False):
         self.records = records
         self.images_root = images_root
-        self.reports = [cleaner(r.report) for r in records]  # clean once, not every epoch
+        self.reports = clean_reports(records, cleaner) if records else []  # clean once, not every epoch
         self.train, self.resize, self.crop, self.seed = train, resize, crop, seed
+        self.substitute_bad_images = substitute_bad_images
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -223,6 +292,19 @@ class ReportDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i) -> dict:
+        if not self.substitute_bad_images:
+            return self._item(i)
+        skipped = []
+        while len(skipped) < MAX_BAD_IN_A_ROW:
+            j = (i + len(skipped)) % len(self)
+            try:
+                return {**self._item(j), "skipped": skipped}
+            except DataError as e:
+                skipped.append(str(e))
+        raise DataError(f"{MAX_BAD_IN_A_ROW} records in a row have unreadable images, the last: {skipped[-1]}; "
+                        "this looks like a broken images directory rather than a few bad files")
+
+    def _item(self, i) -> dict:
         rec = self.records[i]
         # training crops are a pure function of (seed, epoch, index): a resumed run sees exactly the
         # same crops, and DataLoader workers carry no RNG state. (A str seed is hashed with SHA-512,
@@ -235,7 +317,8 @@ class ReportDataset(torch.utils.data.Dataset):
             except DataError as e:
                 raise DataError(f"record {rec.id!r}: {e}") from e
             images.append(image_transform(img, self.train, rng, self.resize, self.crop))
-        return dict(id=rec.id, pixel_values=torch.stack(images), report=self.reports[i], views=rec.views)
+        return dict(id=rec.id, pixel_values=torch.stack(images), report=self.reports[i], views=rec.views,
+                    skipped=[])
 
 
 # -----------------------------------------------------------------------------
@@ -292,6 +375,7 @@ def make_collate(llm_tokenizer, text_tokenizer, max_report_tokens: int, max_text
 
         return dict(
             ids=[b["id"] for b in batch],
+            skipped=[s for b in batch for s in b.get("skipped", [])],  # unreadable records replaced (ReportDataset)
             reports=reports,
             pixel_values=torch.stack([b["pixel_values"] for b in batch]),  # (B, K, C, H, W)
             report_ids=report_ids,  # (B, L)

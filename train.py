@@ -7,30 +7,54 @@ evaluate it on the test split.
     python train.py --t2v false --rec false                # an ablation: any Config field, by name
 
 A hand-written loop: DDP from torchrun's environment variables (gloo on CPU, nccl on GPU), bf16
-autocast on GPU, AdamW with cosine annealing, atomic checkpoints that hold only trained weights plus
-optimizer and loop state, and `--resume` to continue a stopped run where it stopped.
+autocast on GPU, AdamW with cosine annealing, gradient accumulation (--micro_batch_size), atomic
+checkpoints that hold only trained weights plus optimizer and loop state, and --resume to continue a
+stopped run where it stopped.
+
+What ends a run, and how it continues (each case is tried by tests/test_faults.py):
+  killed (SIGKILL, a crash, a lost node)  checkpoints are written to a temporary file and renamed,
+                                          so <out_dir>/last.pt is always the last whole one: --resume
+  SIGTERM, Ctrl-C (preemption)            the step finishes, last.pt is saved, exit code 128 + signal
+                                          (143, 130): --resume
+  a rank dies under torchrun              with --max-restarts N the restarted workers resume from
+                                          last.pt by themselves
+  a non-finite loss or gradient           stops before the step is applied, naming the step, the loss
+                                          terms and the study ids; last.pt keeps the last good weights
+  an unreadable training image            replaced by the next readable record, logged and counted
+  any other bad input or checkpoint       refused at start-up with a message naming it (data.py)
+A fresh run refuses an <out_dir> that already holds last.pt, so it can never be overwritten (or
+resumed) by accident.
 """
 
 import argparse
+import difflib
+import glob
 import math
 import os
+import pickle
+import signal
 import sys
 import time
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from data import CLEANERS, ReportDataset, load_annotation, make_collate
+from data import CLEANERS, DataError, ReportDataset, clean_reports, load_annotation, make_collate
 from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
-from model import PRESETS, Config, ReportGenerator, config_from_dict, load_frozen_llm
+from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer
 
 DATASETS = {"demo": "demo", "iu_xray": "iu_xray", "mimic": "mimic_cxr", "mimic_cxr": "mimic_cxr"}
+
+
+class RunError(ValueError):
+    """A run that must not start or continue as asked (a checkpoint, the out_dir, the options); the
+    message says what and how to go on."""
 
 
 # -----------------------------------------------------------------------------
@@ -50,12 +74,19 @@ def parse_args(argv=None):
                                 allow_abbrev=False)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size; default: tiny for the demo, paper for iu_xray and mimic")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/last.pt (automatic when torchrun restarts the workers)")
     for f in fields(Config):
         kind = parse_bool if f.type is bool else f.type          # int, float or str
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper(),
                        help=f"default: {f.default!r} (tiny preset)")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        valid = ["--preset", "--resume"] + [f"--{f.name}" for f in fields(Config)]
+        hints = [f"{u} -> {close[0]}?" for u in unknown if u.startswith("--")
+                 for close in [difflib.get_close_matches(u.split("=")[0], valid, n=1)] if close]
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
+                + f"\nvalid options: {' '.join(sorted(valid))}")
     if args.dataset is not None:
         if args.dataset not in DATASETS:
             p.error(f"--dataset must be one of {sorted(DATASETS)}, got {args.dataset!r}")
@@ -79,19 +110,36 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's store outlives a restart of the workers (--max-restarts), and torch 2.14 keeps no
+        # per-attempt namespace in it: restarted workers can read the dead workers' addresses and fail
+        # to connect, or wait forever (pytorch issue 135712). A prefix per attempt keeps them apart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend)
     return rank, world, device
 
 
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def gather(obj, world) -> list:
+    """Every rank's `obj`, in rank order (for error messages: rare, so an object collective is fine)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -103,26 +151,71 @@ def save_checkpoint(path, model, cfg, optimizer=None, loop=None, metrics=None):
              "metrics": metrics or {}}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
+    # A process killed mid-write leaves only the temporary file (removed at the next start-up); the
+    # rename is atomic, so `path` is always the previous whole checkpoint or the new whole one. fsync
+    # first, so that after a machine crash the new name cannot point at data never written to disk.
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)                       # atomic: a reader sees the old file or the new one
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def remove_partial_checkpoints(out_dir) -> list[str]:
+    """Delete the temporary files of checkpoint writes that a killed run never finished."""
+    partial = glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*"))
+    for path in partial:
+        os.remove(path)
+    return partial
+
+
+def load_checkpoint(path, need=("model", "config")) -> dict:
+    """A checkpoint written by save_checkpoint, or RunError saying why not.
+
+    weights_only=True: tensors, numbers, strings and plain containers only. A file that needs any
+    other object (a class, a function: what a pickle uses to run code) is refused, never unpickled."""
+    if not os.path.isfile(path):
+        raise RunError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):     # torch.save writes a zip: this is a cut or foreign file
+            raise RunError(f"{path} is truncated or not a checkpoint (not a whole torch.save file)") from e
+        msg = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise RunError(f"refused {path}: it holds pickled Python objects other than tensors and plain "
+                       f"containers, and unpickling them could run arbitrary code ({msg})") from e
+    except Exception as e:                   # zip without its central directory, short read, ...
+        raise RunError(f"{path} is truncated or corrupt, cannot load it ({type(e).__name__}: {e})") from e
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is not a train.py checkpoint with {list(need)}: it lacks {missing}")
+    return ckpt
 
 
-def check_same_model(cfg: Config, saved: dict, path: str):
-    """Resuming or evaluating with different model fields would silently load mismatched weights."""
-    model_fields = ("llm", "vision", "patch_size", "vision_width", "vision_layers", "text_encoder",
-                    "text_width", "text_layers", "t2v", "rec", "images_per_study", "image_size")
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in model_fields if saved.get(k) != getattr(cfg, k)}
+# Config fields that change the trained weights' shapes or meaning: a checkpoint is only valid for these.
+MODEL_FIELDS = ("llm", "vision", "patch_size", "vision_width", "vision_layers", "vision_heads", "decoder_width",
+                "decoder_layers", "decoder_heads", "text_encoder", "text_tokenizer", "text_width", "text_layers",
+                "text_heads", "backbone", "t2v", "rec", "clip", "clip_dim", "images_per_study", "image_size")
+
+
+def check_same_model(cfg: Config, saved: dict, path: str, names=MODEL_FIELDS):
+    """Resuming or evaluating with different model fields (another preset, another ablation) would load
+    mismatched weights, or fail with a bare shape error."""
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in names if saved.get(k) != getattr(cfg, k)}
     if diff:
-        raise ValueError(f"{path} was trained with a different model: " +
-                         ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+        raise RunError(f"{path} was trained with a different model: " +
+                       ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+
+
+def check_resumable(cfg: Config, ckpt: dict, path: str, n_train: int):
+    """The same model, and the same global batches: the saved step counts mean nothing otherwise.
+    The number of processes and micro_batch_size may change (epoch_indices and the accumulation give
+    every layout the same steps)."""
+    check_same_model(cfg, ckpt["config"], path, MODEL_FIELDS + ("batch_size", "seed"))
+    if ckpt["loop"].get("n_train", n_train) != n_train:
+        raise RunError(f"{path} was trained on {ckpt['loop']['n_train']} training records, the annotation "
+                       f"now has {n_train}: its batches are not these")
 
 
 # -----------------------------------------------------------------------------
@@ -147,6 +240,78 @@ def get_lr(step, total_steps, cfg: Config):
 
 
 # -----------------------------------------------------------------------------
+# One step's gradient, over micro-batches
+
+
+def accumulate_gradients(model, micro_batches, batch_size, world, device, autocast):
+    """Forward and backward over this process's micro-batches of one step, leaving in .grad the gradient
+    of Eq. 3 over the whole global batch of `batch_size` samples. Returns the loss term names and, per
+    micro-batch, its terms as the model gave them and weighted by its share of the global batch (summed
+    over micro-batches and processes, the weighted terms are the global batch's).
+
+    The model gives a micro-batch's L_VTC as a mean over its report tokens, and its other terms as means
+    over its samples (model.py). Weighting each micro-batch by its share of the global batch's tokens
+    (L_VTC) or samples (the others) makes the accumulated gradient exactly that of the full-batch loss,
+    for any micro_batch_size and any number of processes. (A plain average of micro-batch means would
+    not: it weighs each token of a short report more than one of a long report.) The CLIP row's
+    contrastive loss is the exception: its negatives are the studies of the micro-batches that the
+    processes hold at the same time, not the whole global batch."""
+    tokens = torch.tensor(float(sum(m["report_mask"].sum() for m in micro_batches)), device=device)
+    if world > 1:
+        dist.all_reduce(tokens)
+    tokens = tokens.item()                                          # the global batch's report tokens
+    raw, weighted = [], []
+    for k, m in enumerate(micro_batches):
+        # DDP all-reduces the gradients in the backward of the last micro-batch only
+        with model.no_sync() if world > 1 and k < len(micro_batches) - 1 else nullcontext():
+            with autocast:
+                losses = model(m["pixel_values"].to(device), m["report_ids"].to(device), m["report_mask"].to(device),
+                               m["text_ids"].to(device), m["text_mask"].to(device))
+            token_share = m["report_mask"].sum().item() / tokens    # of the global batch's report tokens
+            sample_share = len(m["ids"]) / batch_size                # of its samples
+            # losses["loss"] - losses["v2t"] = lambda1 L_TVC + lambda2 L_REC (+ CLIP): the per-sample terms
+            loss = token_share * losses["v2t"] + sample_share * (losses["loss"] - losses["v2t"])
+            (world * loss).backward()          # DDP averages the processes' gradients: `world *` makes it their sum
+        share = {name: token_share if name == "v2t" else sample_share for name in losses if name != "loss"}
+        raw.append(torch.stack([losses["loss"].detach()] + [losses[name].detach() for name in share]))
+        weighted.append(torch.stack([loss.detach()] + [share[name] * losses[name].detach() for name in share]))
+    return ["loss", *share], raw, weighted
+
+
+# -----------------------------------------------------------------------------
+# Stopping cleanly on SIGTERM (schedulers send it before preemption) and Ctrl-C
+
+
+@contextmanager
+def stop_signals(rank):
+    """During the training steps, SIGTERM and SIGINT only set a flag (the yielded list gets the signal
+    number); the loop reads it at the end of each step, in the same all-reduce on every rank, saves
+    last.pt and exits. Repeats are ignored: torchrun passes the terminal's Ctrl-C on to its workers
+    as a second signal. Outside the steps (start-up, validation, test) the signals act as usual."""
+    received = []
+
+    def handle(signum, frame):
+        if not received:                   # os.write: print() is not safe inside a signal handler
+            os.write(sys.stderr.fileno(), f"[rank {rank}] {signal.Signals(signum).name}: stopping at the end of "
+                     "this step (SIGKILL stops at once)\n".encode())
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def ignore_stop_signals(worker_id):
+    # DataLoader workers: a Ctrl-C reaches the whole process group, and a worker that died of it
+    # would fail the main process before it reaches the end of the step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -155,10 +320,31 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1 or cfg.batch_size % (world * micro):
+        raise RunError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({world}) "
+                       f"times micro_batch_size ({micro}): every step takes {cfg.batch_size} samples, split "
+                       "evenly over the processes, then into micro-batches of micro_batch_size")
+    accum = cfg.batch_size // (world * micro)            # micro-batches per process per step
     use_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+
+    # Resume, start, or refuse: decided before anything slow is loaded.
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and not resume:              # torchrun --max-restarts restarted the workers after a failure
+        resume = os.path.exists(last_path)
+        print0(f"torchrun restart {restarts}: " + (f"resuming from {last_path}" if resume else
+                                                   f"no {last_path} was written yet, starting from the beginning"))
+    if resume and not os.path.exists(last_path):
+        raise RunError(f"--resume: no checkpoint at {last_path}")
+    if not resume and os.path.exists(last_path):
+        raise RunError(f"{last_path} already exists: add --resume to continue that run (a finished run goes "
+                       "straight to the test evaluation), or delete it or choose another --out_dir to start anew")
+    if master:
+        for path in remove_partial_checkpoints(cfg.out_dir):
+            print0(f"removed {path}: a checkpoint that a killed run left half-written")
 
     if cfg.dataset == "demo":
         # The demo makes its data, pre-trains its frozen LLM (never on test reports) and labels every
@@ -174,7 +360,10 @@ def main(argv=None):
         os.path.join(cfg.data_dir, "annotation_views.json")) else "annotation.json"))
     images_root = os.path.join(cfg.data_dir, "images")
     cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
+    # Every annotation problem stops the run here, at start-up (data.load_annotation), the test split's
+    # included, rather than after days of training.
     records = {s: load_annotation(ann, s, images_root) for s in ("train", "val", "test")}
+    clean_reports(records["test"], cleaner)
     labeller = None
     if cfg.dataset == "demo":                 # the demo's findings can be read back from any report
         from demo import parse_findings as labeller
@@ -183,11 +372,13 @@ def main(argv=None):
         print0(f"note: {ann} has no 'views' field, so the text-to-vision branch reads each report without "
                "its view (Sec. 3 appends it); run view_classifier.py to write annotation_views.json")
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-    text_tokenizer = AutoTokenizer.from_pretrained(cfg.text_tokenizer) if cfg.text_tokenizer else tokenizer
+    tokenizer = load_tokenizer(cfg.llm)
+    text_tokenizer = load_tokenizer(cfg.text_tokenizer) if cfg.text_tokenizer else tokenizer
     collate = make_collate(tokenizer, text_tokenizer, cfg.max_report_tokens, cfg.max_text_tokens)
+    # An unreadable training image is found only when it is decoded, maybe days in: it is replaced by
+    # the next readable record, logged and counted. Validation and test images are never replaced.
     train_ds = ReportDataset(records["train"], images_root, cleaner, train=True, resize=cfg.resize,
-                             crop=cfg.image_size, seed=cfg.seed)
+                             crop=cfg.image_size, seed=cfg.seed, substitute_bad_images=True)
     val_ds = ReportDataset(records["val"], images_root, cleaner, train=False, resize=cfg.resize,
                            crop=cfg.image_size)
 
@@ -204,66 +395,103 @@ def main(argv=None):
 
     steps_per_epoch = len(train_ds) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
-    loop = {"epoch": 0, "step": 0, "global_step": 0, "best_bleu4": -1.0}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    loop = {"epoch": 0, "step": 0, "global_step": 0, "best_bleu4": -1.0, "skipped": 0, "n_train": len(train_ds)}
     if resume:
-        if not os.path.exists(last_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-        ckpt = load_checkpoint(last_path)
-        check_same_model(cfg, ckpt["config"], last_path)
+        ckpt = load_checkpoint(last_path, need=("model", "config", "optimizer", "loop"))
+        check_resumable(cfg, ckpt, last_path, len(train_ds))
         model.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        loop = ckpt["loop"]
+        loop.update(ckpt["loop"])
         print0(f"resumed from {last_path}: epoch {loop['epoch']}, step {loop['step']}")
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if use_cuda else None)
+    last_good = f"{last_path} (epoch {loop['epoch']} step {loop['step']})" if resume else "none: no checkpoint yet"
 
     def checkpoint_now(epoch, step):
+        nonlocal last_good
         if master:
-            save_checkpoint(last_path, raw_model, cfg, optimizer,
-                            {**loop, "epoch": epoch, "step": step})
+            save_checkpoint(last_path, raw_model, cfg, optimizer, {**loop, "epoch": epoch, "step": step})
+        last_good = f"{last_path} (epoch {epoch} step {step})"
 
     print0(f"training: {cfg.epochs} epochs x {steps_per_epoch} steps, global batch {cfg.batch_size} "
-           f"on {world} x {device.type}")
-    t_start = time.time()
+           f"on {world} x {device.type}" + (f", {accum} micro-batches of {micro} per process" if accum > 1 else ""))
+    t_start, stopped_by = time.time(), 0
     for epoch in range(loop["epoch"], cfg.epochs):
         train_ds.set_epoch(epoch)
         start = loop["step"] if epoch == loop["epoch"] else 0
+        if start == 0:
+            loop["skipped"] = 0                # unreadable training records replaced, this epoch
         order = epoch_indices(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, start)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size // world, sampler=order,
-                            collate_fn=collate, num_workers=cfg.num_workers, drop_last=True)
+        batches = iter(DataLoader(train_ds, batch_size=micro, sampler=order, collate_fn=collate,
+                                  num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals))
         model.train()
         t0 = time.time()
-        for step, batch in enumerate(loader, start=start):
-            lr = get_lr(loop["global_step"], total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                losses = model(batch["pixel_values"].to(device), batch["report_ids"].to(device),
-                               batch["report_mask"].to(device), batch["text_ids"].to(device),
-                               batch["text_mask"].to(device))
-            loss = losses["loss"]
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
-                terms = {k: round(v.item(), 4) for k, v in losses.items()}
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}: {terms}; "
-                                         f"study ids {batch['ids']}; the last good checkpoint is {last_path}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loop["global_step"] += 1
-            if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
-                dt = (time.time() - t0) / (step - start + 1)
-                terms = " ".join(f"{k} {v.item():.4f}" for k, v in losses.items() if k != "loss")
-                print0(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} ({terms}) "
-                       f"lr {lr:.2e} {dt * 1000:.0f} ms/step {cfg.batch_size / dt:.1f} samples/s")
-            if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps_per_epoch:
-                checkpoint_now(epoch, step + 1)
+        with stop_signals(rank) as received:
+            for step in range(start, steps_per_epoch):
+                lr = get_lr(loop["global_step"], total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_batches = [next(batches) for _ in range(accum)]
+                for m in micro_batches:
+                    for problem in m["skipped"]:
+                        print(f"[rank {rank}] skipped a training record (replaced by the next readable one): "
+                              f"{problem}", flush=True)
+
+                names, raw, weighted = accumulate_gradients(model, micro_batches, cfg.batch_size, world, device,
+                                                            autocast)
+                # One all-reduce per step: the full-batch loss terms, whether a process was asked to stop,
+                # and how many records were replaced.
+                local = torch.tensor([float(bool(received)), float(sum(len(m["skipped"]) for m in micro_batches))],
+                                     device=device)
+                summed = torch.cat([torch.stack(weighted).sum(0), local])
+                if world > 1:
+                    dist.all_reduce(summed)
+                terms, stop, skipped = summed[:-2], summed[-2].item() > 0, int(summed[-1].item())
+                loop["skipped"] += skipped
+
+                if not torch.isfinite(terms).all():
+                    mine = [dict(rank=rank, micro=k, ids=m["ids"], terms={name: round(v, 4) for name, v in
+                                                                          zip(names, raw[k].tolist())})
+                            for k, m in enumerate(micro_batches) if not torch.isfinite(raw[k]).all()]
+                    bad = [d for ds in gather(mine, world) for d in ds]
+                    raise FloatingPointError(
+                        f"non-finite loss at epoch {epoch} step {step} (global step {loop['global_step']}): " +
+                        "; ".join(f"rank {d['rank']} micro-batch {d['micro']}: loss terms {d['terms']}, "
+                                  f"study ids {d['ids']}" for d in bad) +
+                        f". This step was not applied; last good checkpoint: {last_good}")
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not torch.isfinite(norm):           # identical on every process: DDP averaged the gradients
+                    ids = [i for ids in gather([i for m in micro_batches for i in m["ids"]], world) for i in ids]
+                    raise FloatingPointError(
+                        f"non-finite gradient norm at epoch {epoch} step {step} (global step {loop['global_step']}) "
+                        f"although the loss is finite ({dict(zip(names, [round(v, 4) for v in terms.tolist()]))}); "
+                        f"study ids {ids}. This step was not applied; last good checkpoint: {last_good}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop["global_step"] += 1
+
+                if step % cfg.log_every == 0 or step == steps_per_epoch - 1 or stop:
+                    dt = (time.time() - t0) / (step - start + 1)
+                    print0(f"epoch {epoch} step {step}/{steps_per_epoch} loss {terms[0].item():.4f} (" +
+                           " ".join(f"{n} {v:.4f}" for n, v in zip(names[1:], terms[1:].tolist())) +
+                           f") lr {lr:.2e} {dt * 1000:.0f} ms/step {cfg.batch_size / dt:.1f} samples/s" +
+                           (f", {loop['skipped']} unreadable records replaced this epoch" if loop["skipped"] else ""))
+                if stop:
+                    signum = torch.tensor(received[0] if received else 0, device=device)
+                    if world > 1:
+                        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+                    stopped_by = int(signum.item())
+                    print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
+                    checkpoint_now(epoch, step + 1)
+                    break
+                if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps_per_epoch:
+                    checkpoint_now(epoch, step + 1)
+        if stopped_by:
+            break
+        # The epoch's training is saved before validation: a run stopped during validation resumes
+        # with the validation, not with the epoch.
+        checkpoint_now(epoch, steps_per_epoch)
 
         # Validation BLEU-4 over the whole split (every rank generates a shard; scored once) picks the
         # checkpoint to keep (Sec. 4.1).
@@ -273,8 +501,9 @@ def main(argv=None):
             bleu4 = caption_scores(refs, hyps, meteor=False)["BLEU_4"]
             improved = bleu4 > loop["best_bleu4"]
             clinical = f", clinical F1 {clinical_scores(refs, hyps, labeller)['f1']:.3f}" if labeller else ""
+            skipped = f"; {loop['skipped']} unreadable training records replaced" if loop["skipped"] else ""
             print0(f"epoch {epoch}: val BLEU-4 {bleu4:.4f}{clinical}{' (best so far, saved)' if improved else ''} "
-                   f"[{time.time() - t_start:.0f} s]")
+                   f"[{time.time() - t_start:.0f} s]{skipped}")
             if improved:
                 loop["best_bleu4"] = bleu4
                 save_checkpoint(best_path, raw_model, cfg, metrics={"val_BLEU_4": bleu4, "epoch": epoch})
@@ -284,15 +513,23 @@ def main(argv=None):
             loop["best_bleu4"] = best.item()
         checkpoint_now(epoch + 1, 0)
 
-    # The test split, with the checkpoint that validation chose.
-    raw_model.load_trainable_state_dict(load_checkpoint(best_path)["model"])
-    evaluate_split(raw_model, cfg, "test", records, images_root, cleaner, collate, tokenizer, device,
-                   autocast, out_dir=cfg.out_dir, labeller=labeller)
+    if not stopped_by:
+        # The test split, with the checkpoint that validation chose.
+        raw_model.load_trainable_state_dict(load_checkpoint(best_path)["model"])
+        evaluate_split(raw_model, cfg, "test", records, images_root, cleaner, collate, tokenizer, device,
+                       autocast, out_dir=cfg.out_dir, labeller=labeller)
     if world > 1:
         del model, optimizer
         dist.barrier()
         dist.destroy_process_group()
+    if stopped_by:
+        print0(f"stopped by {signal.Signals(stopped_by).name}: {last_good} saved; continue with --resume "
+               "(and the same options)")
+        raise SystemExit(128 + stopped_by)     # the shell's convention: 143 after SIGTERM, 130 after Ctrl-C
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (RunError, DataError, FloatingPointError) as e:   # the message names the problem: no traceback
+        sys.exit(f"train.py: error: {e}")

@@ -155,8 +155,43 @@ def test_load_annotation_bad_file(ann_dir):
     with pytest.raises(data.DataError, match=r"annotation.json: not valid JSON"):
         _load(root, ann, raw=b'{"train": [')
     del ann["test"]
-    with pytest.raises(data.DataError, match="no split 'test'"):
+    with pytest.raises(data.DataError, match=r"no split 'test' at the top level \(it has \['train', 'val'\]"):
         _load(root, ann, split="test")
+    # a UTF-8 byte-order mark (what some Windows tools write) is accepted
+    assert len(_load(root, ann, raw=b"\xef\xbb\xbf" + json.dumps(ann).encode())) == 3
+
+
+def test_load_annotation_lists_every_bad_record_at_once(ann_dir):
+    """Fixing a 270k-record annotation takes one pass, not one run per bad record."""
+    root, ann = ann_dir
+    ann["train"][0]["report"] = 7
+    ann["train"][2]["image_path"] = ["gone.png", "train2_1.png"]
+    with pytest.raises(data.DataError) as err:
+        _load(root, ann)
+    msg = str(err.value)
+    assert "split 'train': 2 bad record(s); fix or remove them" in msg
+    assert "record 'train0': 'report' should be a str" in msg and "record 'train2': image file" in msg
+    ann["train"] = [dict(id=f"t{i}", report="", image_path=["x.png"], split="train") for i in range(25)]
+    with pytest.raises(data.DataError, match=r"(?s)25 bad record\(s\).*record 't19': empty report\n  \.\.\. and 5 more$"):
+        _load(root, ann)
+
+
+def test_report_that_is_not_valid_unicode_is_refused(ann_dir):
+    # valid JSON and UTF-8, but "\ud800" decodes to a lone surrogate, which tokenizers cannot encode
+    root, ann = ann_dir
+    raw = json.dumps(ann).replace("Heart normal 1.", "Heart \\ud800 normal 1.").encode()
+    with pytest.raises(data.DataError, match=r"record 'train1': the report is not valid Unicode text \(surrogates "
+                                             r"not allowed at character 6\)"):
+        _load(root, ann, raw=raw)
+
+
+def test_report_empty_after_cleaning_is_refused():
+    recs = [data.Record(f"r{i}", text, ["x.png"], "val", None) for i, text in enumerate(["Heart normal.", "...", "___ ."])]
+    with pytest.raises(data.DataError, match=r"2 record\(s\) of split 'val' have a report that is empty after "
+                                             r"cleaning .*\['r1', 'r2'\]"):
+        data.clean_reports(recs, data.clean_report_mimic_cxr)
+    with pytest.raises(data.DataError, match="empty after cleaning"):
+        data.ReportDataset(recs, "images", data.clean_report_mimic_cxr, train=True)
 
 
 def test_unreadable_image_names_record_and_file(ann_dir):
@@ -194,6 +229,60 @@ def test_grayscale_becomes_rgb(tmp_path):
     _gray(tmp_path / "g.png", value=77)
     a = np.asarray(data.load_image(tmp_path / "g.png"))
     assert a.shape == (32, 40, 3) and (a == 77).all()
+
+
+def test_palette_and_bilevel_pngs_go_through_their_palette(tmp_path):
+    gray = Image.fromarray(np.array([[0, 1, 2]], np.uint8), "P")
+    gray.putpalette([0, 0, 0, 200, 200, 200, 37, 37, 37])      # index -> grey level, not the index itself
+    gray.save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert np.asarray(data.load_image(tmp_path / "p.png"))[0].tolist() == [[0, 0, 0], [200, 200, 200], [37, 37, 37]]
+    Image.fromarray(np.array([[0, 255]], np.uint8), "L").convert("1").save(tmp_path / "b.png")
+    assert np.asarray(data.load_image(tmp_path / "b.png"))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+
+
+def test_an_image_far_larger_than_usual_is_refused_before_decoding(tmp_path, monkeypatch):
+    _gray(tmp_path / "big.png", w=400, h=300)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100_000)                # 400 x 300 = 120,000
+    with pytest.raises(data.DataError, match=r"big.png: image is 400 x 300 = 0 M pixels, above the limit .*"
+                                             r"data.MAX_IMAGE_PIXELS"):
+        data.load_image(tmp_path / "big.png")
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)                # PIL's own limit: 2x this
+    with pytest.raises(data.DataError, match=r"big.png: cannot read image \(Image size \(120000 pixels\) exceeds"):
+        data.load_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)               # between PIL's warning and error
+    assert data.load_image(tmp_path / "big.png").size == (400, 300)
+
+
+def test_training_dataset_replaces_an_unreadable_record_and_says_so(ann_dir):
+    root, ann = ann_dir
+    recs = _load(root, ann)
+    (root / "images" / "train1_0.png").write_bytes(b"not a png")
+    ds = data.ReportDataset(recs, root / "images", data.clean_report_iu_xray, train=True, substitute_bad_images=True)
+    item = ds[1]
+    assert item["id"] == "train2" and len(item["skipped"]) == 1
+    assert "record 'train1'" in item["skipped"][0] and "train1_0.png: cannot read image" in item["skipped"][0]
+    assert torch.equal(item["pixel_values"], ds[2]["pixel_values"]) and ds[2]["skipped"] == []
+    (root / "images" / "train2_1.png").write_bytes(b"")
+    assert ds[1]["id"] == "train0" and len(ds[1]["skipped"]) == 2           # wraps around to the start
+    out = data.make_collate(demo.build_tokenizer(["heart normal ."], []), demo.build_tokenizer(["heart ."], []),
+                            8, 8)([ds[0], ds[1]])
+    assert out["ids"] == ["train0", "train0"] and len(out["skipped"]) == 2
+    # evaluation never replaces a study
+    with pytest.raises(data.DataError, match=r"record 'train1': .*train1_0.png: cannot read image"):
+        data.ReportDataset(recs, root / "images", data.clean_report_iu_xray, train=False)[1]
+
+
+def test_a_broken_images_directory_stops_the_run(ann_dir, monkeypatch):
+    root, ann = ann_dir
+    recs = _load(root, ann)
+    monkeypatch.setattr(data, "MAX_BAD_IN_A_ROW", 2)
+    for i in (0, 1):
+        (root / "images" / f"train{i}_0.png").write_bytes(b"")
+    ds = data.ReportDataset(recs, root / "images", data.clean_report_iu_xray, train=True, substitute_bad_images=True)
+    with pytest.raises(data.DataError, match=r"2 records in a row have unreadable images, the last: record 'train1'"):
+        ds[0]
 
 
 def _column_image(w, h):
