@@ -686,27 +686,31 @@ def small_images(dataset, size=32):
 
 
 def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, tokenizer, device,
-                   autocast=None, out_dir=None, labeller=None, scorers=None, meteor=True):
+                   autocast=None, out_dir=None, labeller=None, scorers=None, meteor=True, rows=None):
     """Generate the split, write the predictions, score them next to two baselines, print a table.
 
     Predictions are written before any scoring starts, so a scorer failing after hours of generation
     loses nothing. scorers: load_scorers()'s dict (BERTScore, CheXbert, RadGraph); None loads the
     defaults on rank 0, where the scoring happens. Returns the metrics dict (on rank 0; other ranks
-    return None)."""
+    return None). rows: reports already generated (read_predictions), scored without generating again."""
     ds = ReportDataset(records[split], images_root, cleaner, train=False, resize=cfg.resize,
                        crop=cfg.image_size)
-    t0 = time.time()
-    rows = generate_reports(model, ds, collate, tokenizer, cleaner, cfg, device, autocast)
-    gen_seconds = time.time() - t0
-    if _rank_world()[0] != 0:
-        return None
     out_dir = out_dir or cfg.out_dir
-    os.makedirs(out_dir, exist_ok=True)
     pred_path = os.path.join(out_dir, f"predictions_{split}.csv")
-    with open(pred_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "reference", "generated"])
-        w.writerows([r["id"], r["reference"], r["generated"]] for r in rows)
+    gen_seconds = None
+    if rows is None:
+        t0 = time.time()
+        rows = generate_reports(model, ds, collate, tokenizer, cleaner, cfg, device, autocast)
+        gen_seconds = time.time() - t0
+        if _rank_world()[0] != 0:
+            return None
+        os.makedirs(out_dir, exist_ok=True)
+        with open(pred_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "reference", "generated"])
+            w.writerows([r["id"], r["reference"], r["generated"]] for r in rows)
+    elif [r["id"] for r in rows] != [rec.id for rec in records[split]]:
+        raise ValueError(f"the predictions do not list the {split} split's studies in order; regenerate them")
     refs, hyps = [r["reference"] for r in rows], [r["generated"] for r in rows]
 
     # The baselines: the most frequent training report, and the report of the nearest training image.
@@ -724,10 +728,12 @@ def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, to
         if labeller is not None:
             metrics[name].update({f"clinical_{k}": v for k, v in clinical_scores(refs, h, labeller).items()
                                   if "/" not in k})
-    metrics["model"]["reports_per_second"] = len(rows) / gen_seconds
+    speed = "scored from saved predictions"
+    if gen_seconds:
+        metrics["model"]["reports_per_second"] = len(rows) / gen_seconds
+        speed = f"{len(rows) / gen_seconds:.1f} reports/s generated"
     keys = CAPTION_KEYS + TABLE2_KEYS + (["clinical_precision", "clinical_recall", "clinical_f1"] if labeller else [])
-    print(f"\n{split} split, {len(rows)} studies ({len(rows) / gen_seconds:.1f} reports/s generated); "
-          f"predictions: {pred_path}")
+    print(f"\n{split} split, {len(rows)} studies ({speed}); predictions: {pred_path}")
     print(format_table(metrics, keys))
     for key, value in metrics["model"].items():
         if key.endswith("_unavailable"):
@@ -877,6 +883,15 @@ def split_dataset(cfg, split, tokenizer, text_tokenizer):
     return ds, collate, cleaner, records
 
 
+def read_predictions(path):
+    """predictions_<split>.csv as evaluate_split wrote it: rows of id, reference, generated."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or set(rows[0]) != {"id", "reference", "generated"}:
+        raise ValueError(f"{path}: expected the columns id, reference, generated (a predictions file)")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate and score reports with a saved checkpoint, or draw Figure 4.",
                                 allow_abbrev=False)
@@ -895,6 +910,9 @@ def main(argv=None):
                         "default: distilroberta-base, CXR-Report-Metric's setting")
     p.add_argument("--bertscore_layers", type=int, help="hidden layer to take (default: bert-score's table)")
     p.add_argument("--bertscore_baseline", help="a bert-score baseline .tsv for a model it ships none for")
+    p.add_argument("--predictions", metavar="CSV",
+                   help="--ckpt: score this predictions_<split>.csv again without generating (e.g. after "
+                        "installing a scorer)")
     p.add_argument("--throughput", type=int, metavar="N",
                    help="--ckpt: time generation of the split's first N studies at batch 1 and at "
                         "eval_batch_size, print reports/s, and stop (no scoring)")
@@ -917,9 +935,10 @@ def main(argv=None):
     if cfg.dataset == "demo":
         from demo import parse_findings as labeller
     scorers = load_scorers(device, args.bertscore_model, args.bertscore_layers, args.bertscore_baseline)
+    rows = read_predictions(args.predictions) if args.predictions else None
     evaluate_split(model, cfg, args.split, records, ds.images_root, cleaner, collate, tokenizer, device,
                    autocast, out_dir=os.path.dirname(os.path.abspath(args.ckpt)), labeller=labeller,
-                   scorers=scorers)
+                   scorers=scorers, rows=rows)
 
 
 if __name__ == "__main__":

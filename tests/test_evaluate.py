@@ -144,3 +144,27 @@ def test_command_line_scores_a_checkpoint_and_times_generation(checkpoints, monk
     evaluate.main(["--ckpt", checkpoints["v2t"], "--throughput", "3"])
     out = capsys.readouterr().out
     assert "batch 1: " in out and "batch 2: " in out and "same reports: True" in out
+
+
+def test_saved_predictions_are_scored_again_without_generating(checkpoints, monkeypatch):
+    """After hours of generation, a scorer installed later must not mean generating again."""
+    import csv
+    monkeypatch.setattr(evaluate, "_meteor", lambda gts, res: (None, "stubbed in this test"))
+    out_dir = os.path.dirname(checkpoints["v2t"])
+    evaluate.main(["--ckpt", checkpoints["v2t"], "--bertscore_model", MINILM, "--bertscore_layers", "5"])
+    rows = evaluate.read_predictions(os.path.join(out_dir, "predictions_test.csv"))
+    rows[0]["generated"] = rows[0]["reference"]                 # an edit only the CSV knows about
+    edited = os.path.join(out_dir, "edited.csv")
+    with open(edited, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "reference", "generated"])
+        w.writeheader()
+        w.writerows(rows)
+    monkeypatch.setattr(evaluate, "generate_reports", lambda *a, **k: pytest.fail("generated again"))
+    evaluate.main(["--ckpt", checkpoints["v2t"], "--predictions", edited, "--bertscore_model", MINILM,
+                   "--bertscore_layers", "5"])
+    metrics = json.loads(open(os.path.join(out_dir, "metrics_test.json")).read())
+    expected = evaluate.caption_scores([r["reference"] for r in rows], [r["generated"] for r in rows], meteor=False)
+    assert metrics["model"]["BLEU_4"] == pytest.approx(expected["BLEU_4"], abs=1e-12)
+    assert "reports_per_second" not in metrics["model"]
+    with pytest.raises(ValueError, match="in order"):
+        evaluate.main(["--ckpt", checkpoints["v2t"], "--predictions", edited, "--split", "val"])
