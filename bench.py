@@ -548,14 +548,6 @@ def meta_report(cfg, report_tokens, text_tokens):
 # Command line and the suite
 
 
-def parse_bool(s: str) -> bool:                   # as train.py's (bench.py does not import train.py, whose
-    if s.lower() in ("1", "true", "yes", "on"):   # metrics need Java and pycocoevalcap, absent on GPU images)
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -575,7 +567,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU that other jobs "
                    "share, 1 avoids OpenMP threads waiting for each other (we saw 60x slower generation with 2)")
     for f in fields(M.Config):
-        kind = parse_bool if f.type is bool else f.type
+        kind = M.parse_bool if f.type is bool else f.type
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper(),
                        help=f"default: {f.default!r} (tiny preset)")
     args = p.parse_args(argv)

@@ -75,6 +75,8 @@ class Config:
     prompt_v2t_after: str = ":"      # the rest of S_v2t, between E_v and the report (as R2GenGPT's "<Img>E_v</Img> ...")
     prompt_t2v: str = "describe the chest x-ray that this report belongs to :"  # S_t2v
     grad_checkpointing: bool = False # recompute the frozen LLM's activations in backward (on at full size)
+    one_llm_pass: bool = False       # V2T and T2V through the LLM in one batched forward (same losses): 1.37x
+                                     # faster full step on an H200 (launch-bound), 1.15x slower on CPU (padding)
     # --- generation
     num_beams: int = 3               # Sec. 4.1: beam search of size 3
     max_new_tokens: int = 60
@@ -139,7 +141,7 @@ def paper(**overrides) -> Config:
         vision="facebook/vit-mae-large", **VIT_MAE_LARGE,
         text_encoder="Salesforce/blip-image-captioning-base",
         text_tokenizer="Salesforce/blip-image-captioning-base", **BLIP_BASE_TEXT,
-        grad_checkpointing=True, batch_size=4, eval_batch_size=16, lr=1e-4, num_workers=8,
+        grad_checkpointing=True, one_llm_pass=True, batch_size=4, eval_batch_size=16, lr=1e-4, num_workers=8,
         max_text_tokens=128,
     )
     cfg.update(PAPER_DATASETS.get(overrides.get("dataset", "mimic_cxr"), {}))
@@ -150,6 +152,16 @@ def paper(**overrides) -> Config:
 
 
 PRESETS = {"tiny": tiny, "paper": paper}
+
+
+def parse_bool(s: str) -> bool:
+    """A boolean Config field on the command line (train.py, bench.py): true/false, yes/no, on/off, 1/0."""
+    import argparse
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def config_from_dict(d: dict) -> Config:
@@ -424,12 +436,19 @@ class ReportGenerator(nn.Module):
 
         report_ids (B, L) end with EOS and are right-padded (report_mask 0). The mean over real report
         tokens is used instead of Eq. 1's sum, so the loss scale does not depend on report length."""
+        x, mask = self._v2t_inputs(E_v, report_ids, report_mask)
+        h = self._llm_hidden(x, mask)[:, -report_ids.shape[1]:]        # (B, L, dL): positions that predict t_1..t_L
+        return self._v2t_nll(h, report_ids, report_mask)
+
+    def _v2t_inputs(self, E_v, report_ids, report_mask):
+        """[S_v2t, E_v, S_v2t_after, t_1..t_L-1]: (B, P+Np+P'+L-1, dL) and its mask."""
         prefix = self._v2t_prefix(E_v)                                  # (B, P+Np+P', dL)
         x = torch.cat([prefix, self._embed(report_ids[:, :-1])], 1)     # (B, P+Np+P'+L-1, dL)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=E_v.device),
                           report_mask[:, :-1]], 1)
-        L = report_ids.shape[1]
-        h = self._llm_hidden(x, mask)[:, -L:]                           # (B, L, dL): positions that predict t_1..t_L
+        return x, mask
+
+    def _v2t_nll(self, h, report_ids, report_mask):
         logits = self.llm.lm_head(h).float()                            # vocabulary head on report positions only
         targets = report_ids.masked_fill(report_mask == 0, -100)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -440,6 +459,12 @@ class ReportGenerator(nn.Module):
         The frozen LLM reads [S_t2v, E_t, E_v,1..Np-1] (teacher forcing) and its last hidden state at
         the position just before visual token i is E_g,i: the last text position predicts E_v,1, the
         position of E_v,1 predicts E_v,2, and so on."""
+        x, mask = self._t2v_inputs(E_v, text_ids, text_mask)
+        E_g = self._llm_hidden(x, mask)[:, -E_v.shape[1]:]              # (B, Np, dL)
+        return self._t2v_error(E_v, E_g)
+
+    def _t2v_inputs(self, E_v, text_ids, text_mask):
+        """[S_t2v, E_t, E_v,1..Np-1], left-padded: (B, T, dL) and its mask."""
         B, Np, _ = E_v.shape
         E_t = self.text_mapper(self.text_encoder(input_ids=text_ids, attention_mask=text_mask)
                                .last_hidden_state)                      # (B, Lt, dL)
@@ -455,13 +480,30 @@ class ReportGenerator(nn.Module):
         # regularisation that pulls the visual embeddings towards what the LLM derives from the report.
         x = torch.cat([x, E_v[:, :-1].detach().to(x.dtype)], 1)        # (B, P+Lt+Np-1, dL)
         mask = torch.cat([mask, torch.ones(B, Np - 1, dtype=mask.dtype, device=mask.device)], 1)
-        E_g = self._llm_hidden(x, mask)[:, -Np:].float()                # (B, Np, dL)
-        sq = (E_v.float() - E_g).pow(2)                                 # (B, Np, dL)
+        return x, mask
+
+    def _t2v_error(self, E_v, E_g):
+        sq = (E_v.float() - E_g.float()).pow(2)                         # (B, Np, dL)
         # Eq. 2 sums the squared error over the dL dimensions. Summed over Llama-2's 4096 dimensions the
         # term is thousands of times L_VTC, and lambda1 = 1 "without fine-tuning" (Sec. 4.1) could not
         # balance the two; the mean over dimensions (what F.mse_loss computes) can. The paper does not
         # say which its code used: "mean" is our default, "sum" is Eq. 2 to the letter.
         return (sq.sum(-1) if self.cfg.t2v_reduction == "sum" else sq.mean(-1)).mean()
+
+    def losses_v2t_t2v_one_pass(self, E_v, report_ids, report_mask, text_ids, text_mask):
+        """L_VTC and L_TVC from ONE pass through the frozen LLM: both sequences stacked along the batch,
+        the V2T rows padded on the right and the T2V rows on the left to a common length. Padding is
+        masked and positions skip it, so each row computes what it computes alone (tested); the LLM's
+        per-layer work is launched once instead of twice (the step is launch-bound at batch 4 on a GPU)."""
+        x1, m1 = self._v2t_inputs(E_v, report_ids, report_mask)        # (B, T1, dL)
+        x2, m2 = self._t2v_inputs(E_v, text_ids, text_mask)            # (B, T2, dL)
+        T1, T2, T = x1.shape[1], x2.shape[1], max(x1.shape[1], x2.shape[1])
+        x = torch.cat([F.pad(x1.to(x2.dtype), (0, 0, 0, T - T1)), F.pad(x2, (0, 0, T - T2, 0))], 0)
+        mask = torch.cat([F.pad(m1, (0, T - T1)), F.pad(m2, (T - T2, 0))], 0)
+        h = self._llm_hidden(x, mask)                                   # (2B, T, dL)
+        B, L, Np = E_v.shape[0], report_ids.shape[1], E_v.shape[1]
+        return (self._v2t_nll(h[:B, T1 - L:T1], report_ids, report_mask),
+                self._t2v_error(E_v, h[B:, T - Np:]))
 
     def loss_rec(self, E_v, pixel_values):
         """L_REC: pixel MSE of the MAE decoder's reconstruction from E_v alone.
@@ -507,10 +549,15 @@ class ReportGenerator(nn.Module):
     def forward(self, pixel_values, report_ids, report_mask, text_ids=None, text_mask=None):
         """Eq. 3: L_TOTAL = L_VTC + lambda1 L_TVC + lambda2 L_REC. Returns every term for logging."""
         E_v = self.visual_embeddings(pixel_values)                      # (B, Np, dL)
-        losses = {"v2t": self.loss_v2t(E_v, report_ids, report_mask)}
+        if self.cfg.t2v and self.cfg.one_llm_pass:
+            v2t, t2v = self.losses_v2t_t2v_one_pass(E_v, report_ids, report_mask, text_ids, text_mask)
+            losses = {"v2t": v2t, "t2v": t2v}
+        else:
+            losses = {"v2t": self.loss_v2t(E_v, report_ids, report_mask)}
+            if self.cfg.t2v:
+                losses["t2v"] = self.loss_t2v(E_v, text_ids, text_mask)
         total = losses["v2t"]
         if self.cfg.t2v:
-            losses["t2v"] = self.loss_t2v(E_v, text_ids, text_mask)
             total = total + self.cfg.lambda_t2v * losses["t2v"]
         if self.cfg.rec:
             losses["rec"] = self.loss_rec(E_v, pixel_values)

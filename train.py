@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from data import CLEANERS, DataError, ReportDataset, clean_reports, load_annotation, make_collate
 from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
-from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer
+from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer, parse_bool
 
 DATASETS = {"demo": "demo", "iu_xray": "iu_xray", "mimic": "mimic_cxr", "mimic_cxr": "mimic_cxr"}
 
@@ -59,14 +59,6 @@ class RunError(ValueError):
 
 # -----------------------------------------------------------------------------
 # Command line: every Config field is an option of the same name; unknown names are refused.
-
-
-def parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def parse_args(argv=None):

@@ -188,3 +188,24 @@ def test_checkpoint_state_excludes_the_llm(llm_dir, tokenizer):
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
     with pytest.raises(ValueError, match="missing"):
         other.load_trainable_state_dict({k: v for k, v in sd.items() if "visual_mapper" not in k})
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_one_llm_pass_gives_the_losses_and_gradients_of_two_passes(llm_dir, tokenizer, grad_checkpointing):
+    """forward() stacks the V2T and T2V sequences into one LLM call (padded right and left to one
+    length); each loss and every gradient must equal the two separate passes of Eq. 1 and Eq. 2."""
+    results = []
+    for one_pass in (False, True):
+        model = build(llm_dir, tokenizer, one_llm_pass=one_pass, grad_checkpointing=grad_checkpointing)
+        model.train()
+        b = batch(tokenizer, B=2)
+        assert b["report_mask"].sum(1).tolist()[0] != b["report_mask"].sum(1).tolist()[1]  # padding in play
+        losses = model(**b)
+        losses["loss"].backward()
+        results.append(({k: v.item() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l2, g2), (l1, g1) = results
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-7)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-7), n

@@ -1,7 +1,6 @@
 """The paper's full configuration (issue 3): full-size shapes on the meta device, checkpoints written
 with the Hub's exact key names for each pretrained part, and the ablations of Tables 3 and 4."""
 
-import json
 import os
 import re
 
@@ -161,11 +160,12 @@ def test_blip_checkpoint_with_a_missing_key_is_refused(tmp_path):
         M.load_blip_text_encoder(str(tmp_path / "blip"))
 
 
-def test_llama2_tokenizer_without_pad_gets_unk(tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg.pop("pad_token", None)                              # as Llama-2's tokenizer ships
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+def test_llama2_tokenizer_without_pad_gets_unk(tmp_path):
+    from conftest import make_tokenizer
+    fresh = make_tokenizer()                                # not the shared fixture: this one is changed
+    fresh.pad_token = None                                  # as Llama-2's tokenizer ships
+    fresh.save_pretrained(tmp_path)
+    assert M.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token is None
     tok = M.load_tokenizer(str(tmp_path))
     assert tok.pad_token == tok.unk_token and tok.pad_token_id != tok.eos_token_id
 
