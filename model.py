@@ -70,6 +70,7 @@ class Config:
     lambda_rec: float = 1.0          # lambda2 in Eq. 3
     lambda_clip: float = 1.0         # weight of the CLIP loss when clip is on (the paper gives none)
     clip_dim: int = 512              # footnote 4: both sides projected to 512 dimensions
+    t2v_readout: str = "hidden"      # E_g: "hidden" = last hidden state (the spec); "word" = expected word embedding
     t2v_reduction: str = "mean"      # squared error over dL: "mean" (default, see loss_t2v) or "sum" (Eq. 2)
     prompt_v2t: str = "write the findings of this chest x-ray"     # S_v2t, before E_v (the paper does not publish it)
     prompt_v2t_after: str = ":"      # the rest of S_v2t, between E_v and the report (as R2GenGPT's "<Img>E_v</Img> ...")
@@ -101,6 +102,8 @@ class Config:
             raise ValueError(f"backbone must be 'mae' or 'swin', got {self.backbone!r}")
         if self.backbone == "swin" and self.rec:
             raise ValueError("rec needs the MAE decoder; the Swin backbone (Table 4) trains with rec false")
+        if self.t2v_readout not in ("hidden", "word"):
+            raise ValueError(f"t2v_readout must be 'hidden' or 'word', got {self.t2v_readout!r}")
         if self.t2v_reduction not in ("mean", "sum"):
             raise ValueError(f"t2v_reduction must be 'mean' or 'sum', got {self.t2v_reduction!r}")
         if self.images_per_study not in (1, 2):
@@ -483,6 +486,11 @@ class ReportGenerator(nn.Module):
         return x, mask
 
     def _t2v_error(self, E_v, E_g):
+        if self.cfg.t2v_readout == "word":
+            # E_g as the expected word embedding of the LLM's next-token distribution: a point in the
+            # word-embedding space (the last hidden state, after the final RMSNorm, is not: see README)
+            W = self.llm.get_input_embeddings().weight
+            E_g = torch.softmax(self.llm.lm_head(E_g).float(), -1) @ W.float()
         sq = (E_v.float() - E_g.float()).pow(2)                         # (B, Np, dL)
         # Eq. 2 sums the squared error over the dL dimensions. Summed over Llama-2's 4096 dimensions the
         # term is thousands of times L_VTC, and lambda1 = 1 "without fine-tuning" (Sec. 4.1) could not

@@ -209,3 +209,16 @@ def test_one_llm_pass_gives_the_losses_and_gradients_of_two_passes(llm_dir, toke
     assert g1.keys() == g2.keys()
     for n in g1:
         assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_word_readout_puts_E_g_in_the_word_embedding_space(llm_dir, tokenizer):
+    """t2v_readout="word": E_g is the expected word embedding of the LLM's next-token distribution,
+    a convex combination of rows of the input embedding matrix (the default reads the hidden state)."""
+    model = build(llm_dir, tokenizer, t2v_readout="word")
+    h = torch.randn(2, 3, model.llm.config.hidden_size)
+    W = model.llm.get_input_embeddings().weight
+    expected = torch.softmax(model.llm.lm_head(h), -1) @ W
+    assert model._t2v_error(expected, h).item() < 1e-10
+    assert model._t2v_error(h, h).item() > 1e-3                   # the hidden state itself is not the target
+    default = build(llm_dir, tokenizer)
+    assert default._t2v_error(h, h).item() == 0.0
