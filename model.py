@@ -180,9 +180,9 @@ def config_from_dict(d: dict) -> Config:
 # Building the pretrained parts (Hub id or local dir, or random from the config)
 
 
-def _refuse_missing(name: str, info: dict, allowed=()):
+def _refuse_missing(name: str, info: dict):
     """from_pretrained leaves any weight it did not find at random init and only logs it: refuse instead."""
-    missing = [k for k in info["missing_keys"] if not any(a in k for a in allowed)]
+    missing = list(info["missing_keys"])
     if missing or info.get("mismatched_keys"):
         raise ValueError(f"{name}: {len(missing)} weights missing from the checkpoint (they would stay random): "
                          f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
@@ -463,7 +463,7 @@ class ReportGenerator(nn.Module):
         the position just before visual token i is E_g,i: the last text position predicts E_v,1, the
         position of E_v,1 predicts E_v,2, and so on."""
         x, mask = self._t2v_inputs(E_v, text_ids, text_mask)
-        E_g = self._llm_hidden(x, mask)[:, -E_v.shape[1]:]              # (B, Np, dL)
+        E_g = self._read_E_g(self._llm_hidden(x, mask)[:, -E_v.shape[1]:])  # (B, Np, dL)
         return self._t2v_error(E_v, E_g)
 
     def _t2v_inputs(self, E_v, text_ids, text_mask):
@@ -485,12 +485,16 @@ class ReportGenerator(nn.Module):
         mask = torch.cat([mask, torch.ones(B, Np - 1, dtype=mask.dtype, device=mask.device)], 1)
         return x, mask
 
-    def _t2v_error(self, E_v, E_g):
+    def _read_E_g(self, h):
+        """E_g from the LLM's last hidden states h (B, Np, dL) at the positions that predict E_v."""
         if self.cfg.t2v_readout == "word":
-            # E_g as the expected word embedding of the LLM's next-token distribution: a point in the
+            # the expected word embedding of the LLM's next-token distribution: a point in the
             # word-embedding space (the last hidden state, after the final RMSNorm, is not: see README)
             W = self.llm.get_input_embeddings().weight
-            E_g = torch.softmax(self.llm.lm_head(E_g).float(), -1) @ W.float()
+            return torch.softmax(self.llm.lm_head(h).float(), -1) @ W.float()
+        return h
+
+    def _t2v_error(self, E_v, E_g):
         sq = (E_v.float() - E_g.float()).pow(2)                         # (B, Np, dL)
         # Eq. 2 sums the squared error over the dL dimensions. Summed over Llama-2's 4096 dimensions the
         # term is thousands of times L_VTC, and lambda1 = 1 "without fine-tuning" (Sec. 4.1) could not
@@ -511,7 +515,7 @@ class ReportGenerator(nn.Module):
         h = self._llm_hidden(x, mask)                                   # (2B, T, dL)
         B, L, Np = E_v.shape[0], report_ids.shape[1], E_v.shape[1]
         return (self._v2t_nll(h[:B, T1 - L:T1], report_ids, report_mask),
-                self._t2v_error(E_v, h[B:, T - Np:]))
+                self._t2v_error(E_v, self._read_E_g(h[B:, T - Np:])))
 
     def loss_rec(self, E_v, pixel_values):
         """L_REC: pixel MSE of the MAE decoder's reconstruction from E_v alone.
@@ -541,18 +545,15 @@ class ReportGenerator(nn.Module):
         words = (self._embed(report_ids).to(E_v.dtype) * m).sum(1) / m.sum(1)  # (B, dL), frozen table
         v = F.normalize(self.clip_visual(E_v.mean(1)).float(), dim=-1)  # (B, 512)
         t = F.normalize(self.clip_text(words).float(), dim=-1)          # (B, 512)
-        offset = 0
+        v_all, t_all, offset = v, t, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             import torch.distributed.nn.functional as dist_fn            # all_gather that passes gradients back
             offset = torch.distributed.get_rank() * v.shape[0]
-            t = torch.cat(dist_fn.all_gather(t), 0)                     # (B * world, 512)
-            v_all = torch.cat(dist_fn.all_gather(v), 0)
-        else:
-            v_all = v
+            v_all, t_all = torch.cat(dist_fn.all_gather(v), 0), torch.cat(dist_fn.all_gather(t), 0)  # (B*world, 512)
         scale = self.clip_logit_scale.clamp(max=math.log(100)).exp()    # CLIP caps the scale at 100
         labels = torch.arange(v.shape[0], device=v.device) + offset
-        # this rank's rows of the global similarity matrix, both directions
-        return 0.5 * (F.cross_entropy(scale * v @ t.T, labels) + F.cross_entropy(scale * t[labels] @ v_all.T, labels))
+        # this rank's rows of the global similarity matrix, image->text and text->image
+        return 0.5 * (F.cross_entropy(scale * v @ t_all.T, labels) + F.cross_entropy(scale * t @ v_all.T, labels))
 
     def forward(self, pixel_values, report_ids, report_mask, text_ids=None, text_mask=None):
         """Eq. 3: L_TOTAL = L_VTC + lambda1 L_TVC + lambda2 L_REC. Returns every term for logging."""
