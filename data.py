@@ -88,7 +88,18 @@ def clean_report_mimic_cxr(report: str) -> str:
     return _clean_sentences(_drop_list_markers(text))
 
 
-CLEANERS = {"iu_xray": clean_report_iu_xray, "mimic_cxr": clean_report_mimic_cxr}
+CLEANERS = {"iu_xray": clean_report_iu_xray, "mimic_cxr": clean_report_mimic_cxr,
+            "demo": clean_report_mimic_cxr}      # the demo's reports are written like MIMIC-CXR's
+
+
+def annotation_path(data_dir: str, annotation: str = "") -> str:
+    """The annotation file train.py and evaluate.py read: `annotation` if named, else
+    annotation_views.json (the copy view_classifier.py writes, with each image's view) when it exists,
+    else the release's annotation.json."""
+    if not annotation:
+        views = os.path.join(data_dir, "annotation_views.json")
+        annotation = views if os.path.exists(views) else "annotation.json"
+    return os.path.join(data_dir, annotation)
 
 # -----------------------------------------------------------------------------
 # annotation.json

@@ -664,8 +664,7 @@ def generation_throughput(model, dataset, collate, tokenizer, cleaner, cfg, devi
     entry also says whether that batch size wrote the same reports as the first one (it should: a
     batched row computes what the row computes alone). Pass a torch.utils.data.Subset to time a part."""
     results, first = {}, None
-    for b in batch_sizes:
-        b = b or cfg.eval_batch_size
+    for b in dict.fromkeys(b or cfg.eval_batch_size for b in batch_sizes):   # each size once, in order
         t0 = time.perf_counter()
         rows = generate_reports(model, dataset, collate, tokenizer, cleaner, cfg, device, autocast, batch_size=b)
         seconds = time.perf_counter() - t0                 # tolist() in generate() waits for the device
@@ -872,12 +871,12 @@ def load_model(ckpt_path, device, data_dir=None, llm=None, eval_batch_size=None)
 def split_dataset(cfg, split, tokenizer, text_tokenizer):
     """For a checkpoint's config: the split's evaluation dataset, the collate, the report cleaner, and the
     records of the training split and this one."""
-    from data import CLEANERS, load_annotation, make_collate
+    from data import CLEANERS, annotation_path, load_annotation, make_collate
 
     images_root = os.path.join(cfg.data_dir, "images")
-    ann = os.path.join(cfg.data_dir, cfg.annotation or "annotation.json")
+    ann = annotation_path(cfg.data_dir, cfg.annotation)          # the file train.py read
     records = {s: load_annotation(ann, s, images_root) for s in {"train", split}}
-    cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
+    cleaner = CLEANERS[cfg.dataset]
     ds = ReportDataset(records[split], images_root, cleaner, train=False, resize=cfg.resize, crop=cfg.image_size)
     collate = make_collate(tokenizer, text_tokenizer, cfg.max_report_tokens, cfg.max_text_tokens)
     return ds, collate, cleaner, records

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from transformers.utils import logging as hf_logging
 
-from data import CLEANERS, DataError, ReportDataset, clean_reports, load_annotation, make_collate
+from data import CLEANERS, DataError, ReportDataset, annotation_path, clean_reports, load_annotation, make_collate
 from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
 from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer, parse_bool
 
@@ -348,10 +348,9 @@ def main(argv=None):
             view_classifier.ensure_views(cfg.data_dir, labels="demo")
         if world > 1:
             dist.barrier()
-    ann = os.path.join(cfg.data_dir, cfg.annotation or ("annotation_views.json" if os.path.exists(
-        os.path.join(cfg.data_dir, "annotation_views.json")) else "annotation.json"))
+    ann = annotation_path(cfg.data_dir, cfg.annotation)
     images_root = os.path.join(cfg.data_dir, "images")
-    cleaner = CLEANERS["mimic_cxr" if cfg.dataset == "demo" else cfg.dataset]
+    cleaner = CLEANERS[cfg.dataset]
     # Every annotation problem stops the run here, at start-up (data.load_annotation), the test split's
     # included, rather than after days of training.
     records = {s: load_annotation(ann, s, images_root) for s in ("train", "val", "test")}
@@ -432,8 +431,8 @@ def main(argv=None):
 
                 names, raw, weighted = accumulate_gradients(model, micro_batches, cfg.batch_size, world, device,
                                                             autocast)
-                # One all-reduce per step: the full-batch loss terms, whether a process was asked to stop,
-                # and how many records were replaced.
+                # One all-reduce (besides accumulate_gradients' token count) carries the full-batch loss
+                # terms, whether a process was asked to stop, and how many records were replaced.
                 local = torch.tensor([float(bool(received)), float(sum(len(m["skipped"]) for m in micro_batches))],
                                      device=device)
                 summed = torch.cat([torch.stack(weighted).sum(0), local])

@@ -442,3 +442,11 @@ def test_collate_refuses_a_tokenizer_without_pad(demo_tokenizer):
 def test_view_sentence():
     assert data.view_sentence(["frontal"]) == "view: frontal."
     assert data.view_sentence(["frontal", "lateral"]) == "views: frontal, lateral."
+
+
+def test_annotation_path_prefers_the_views_copy_unless_one_is_named(tmp_path):
+    """train.py and evaluate.py read the same file through data.annotation_path."""
+    assert data.annotation_path(str(tmp_path)) == str(tmp_path / "annotation.json")
+    (tmp_path / "annotation_views.json").write_text("{}")
+    assert data.annotation_path(str(tmp_path)) == str(tmp_path / "annotation_views.json")
+    assert data.annotation_path(str(tmp_path), "other.json") == str(tmp_path / "other.json")

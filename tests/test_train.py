@@ -25,19 +25,6 @@ def args(root, out, *extra):
             "--ckpt_every", "2", "--log_every", "100", *extra]
 
 
-def test_command_line_refuses_unknown_and_mistyped_options(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--learning_rate", "1e-4"])
-    err = capsys.readouterr().err
-    assert "unrecognized arguments: --learning_rate" in err and "valid options: --annotation" in err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--t2v", "maybe"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--epochs", "two"])
-    cfg, resume = train.parse_args(["--t2v", "false", "--lr", "3e-4"])
-    assert cfg.t2v is False and cfg.lr == 3e-4 and not resume
-
-
 def test_dataset_mimic_selects_the_paper_preset():
     cfg, _ = train.parse_args(["--dataset", "mimic"])
     assert cfg.dataset == "mimic_cxr" and cfg.llm == "meta-llama/Llama-2-7b-chat-hf" and cfg.lr == 1e-4
@@ -68,31 +55,6 @@ def test_train_writes_checkpoints_and_evaluates_the_test_split(mini_demo, tmp_pa
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]     # atomic writes leave no temp files
 
 
-def test_resume_after_an_interruption_ends_with_the_same_weights(mini_demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "evaluate_split", lambda *a, **k: None)   # the test split is not the point here
-    train.main(args(mini_demo, tmp_path / "straight"))
-    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-
-    real_step, calls = torch.optim.AdamW.step, []
-
-    def step_then_die(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:                    # mid-epoch, after the checkpoint at step 2
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args(mini_demo, tmp_path / "resumed"))
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["loop"]["step"] == 2
-    train.main(args(mini_demo, tmp_path / "resumed", "--resume"))
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
-    assert straight.keys() == resumed.keys()
-    worst = max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight)
-    assert worst < 1e-6, worst
-
-
 def test_resume_refuses_a_checkpoint_of_another_model(mini_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate_split", lambda *a, **k: None)
     train.main(args(mini_demo, tmp_path, "--epochs", "1"))
@@ -105,7 +67,7 @@ def test_torchrun_two_processes_trains_and_evaluates(mini_demo, tmp_path):
     parameter' error at step 2), validation is gathered from both ranks, rank 0 writes the results."""
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
            *args(mini_demo, tmp_path, "--epochs", "1", "--ckpt_every", "0")]
     out = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          capture_output=True, text=True, timeout=300)
