@@ -206,12 +206,23 @@ def build_vision(cfg: Config):
         mae, info = ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0, output_loading_info=True)
         _refuse_missing(cfg.vision, info)
         return mae
-    return ViTMAEForPreTraining(ViTMAEConfig(
+    mae = ViTMAEForPreTraining(ViTMAEConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
         intermediate_size=4 * cfg.vision_width, decoder_hidden_size=cfg.decoder_width,
         decoder_num_hidden_layers=cfg.decoder_layers, decoder_num_attention_heads=cfg.decoder_heads,
         decoder_intermediate_size=4 * cfg.decoder_width, mask_ratio=0.0, norm_pix_loss=False))
+    # transformers 5.24 leaves a freshly built ViT-MAE's position embeddings at zero: the encoder's
+    # sin-cos init is skipped once the patch projection is marked initialised, and the decoder's is
+    # zeroed. They are frozen (requires_grad False), so the model would never learn where a patch is
+    # and could not tell a left effusion from a right one. Checkpoints carry them; a random model
+    # gets MAE's fixed 2-D sin-cos table here.
+    if not mae.vit.embeddings.position_embeddings.is_meta:
+        with torch.no_grad():
+            mae.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
+            mae.vit.embeddings.initialize_weights()
+            mae.decoder.initialize_weights(mae.vit.embeddings.patch_embeddings.num_patches)
+    return mae
 
 
 # Where BLIP checkpoints keep the BERT text model: the captioning model (the paper's footnote,

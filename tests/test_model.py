@@ -128,6 +128,23 @@ def test_visual_tokens_are_in_natural_patch_order(llm_dir, tokenizer):
         assert changed.nonzero().flatten().tolist() == [i]
 
 
+def test_a_random_vit_mae_knows_where_each_patch_is():
+    """transformers 5.24 builds ViT-MAE with all-zero (and frozen) position embeddings; build_vision
+    must give the encoder and the decoder MAE's 2-D sin-cos tables. Then the same patch content at two
+    places gives two different visual tokens (with zero tables it gave the same one)."""
+    from model import build_vision
+    mae = build_vision(tiny())
+    for table in (mae.vit.embeddings.position_embeddings[0, 1:], mae.decoder.decoder_pos_embed[0, 1:]):
+        assert not table.requires_grad
+        assert table.norm(dim=-1).min() > 1.0                        # sin-cos rows have norm sqrt(d / 2)
+        assert torch.cdist(table, table).fill_diagonal_(1.0).min() > 1e-3  # every patch has its own row
+    model = ReportGenerator.__new__(ReportGenerator)
+    torch.nn.Module.__init__(model)
+    model.cfg, model.vision_encoder, model.patch_size = tiny(), mae.vit, mae.config.patch_size
+    z = model.encode_image(torch.zeros(1, 1, 3, 224, 224))[0]           # every patch the same content
+    assert (z[0] - z[48]).abs().max() > 1e-2
+
+
 def test_patchify_matches_mae(llm_dir, tokenizer):
     from model import build_vision
     model = build(llm_dir, tokenizer, t2v=False)
