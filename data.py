@@ -97,8 +97,8 @@ def annotation_path(data_dir: str, annotation: str = "") -> str:
     annotation_views.json (the copy view_classifier.py writes, with each image's view) when it exists,
     else the release's annotation.json."""
     if not annotation:
-        views = os.path.join(data_dir, "annotation_views.json")
-        annotation = views if os.path.exists(views) else "annotation.json"
+        views = "annotation_views.json"
+        annotation = views if os.path.exists(os.path.join(data_dir, views)) else "annotation.json"
     return os.path.join(data_dir, annotation)
 
 # -----------------------------------------------------------------------------

@@ -450,3 +450,14 @@ def test_annotation_path_prefers_the_views_copy_unless_one_is_named(tmp_path):
     (tmp_path / "annotation_views.json").write_text("{}")
     assert data.annotation_path(str(tmp_path)) == str(tmp_path / "annotation_views.json")
     assert data.annotation_path(str(tmp_path), "other.json") == str(tmp_path / "other.json")
+
+
+def test_annotation_path_with_a_relative_data_dir(tmp_path, monkeypatch):
+    """`python train.py` passes data_dir="demo_data", a relative path: the views copy must not be
+    joined to it twice (demo_data/demo_data/annotation_views.json)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo_data").mkdir()
+    (tmp_path / "demo_data" / "annotation_views.json").write_text("{}")
+    path = data.annotation_path("demo_data")
+    assert path == os.path.join("demo_data", "annotation_views.json")
+    assert os.path.exists(path)
