@@ -40,8 +40,11 @@ def test_epoch_indices_give_the_same_global_batches_for_any_world_size():
     assert train.epoch_indices(40, 8, 1, 0, 0, 1, start_step=3) == one[24:]
 
 
-def test_train_writes_checkpoints_and_evaluates_the_test_split(mini_demo, tmp_path):
-    train.main(args(mini_demo, tmp_path))
+def test_train_writes_checkpoints_and_evaluates_the_test_split(mini_demo, tmp_path, monkeypatch):
+    # relative data and LLM paths, as `python train.py` passes them (demo_data, demo_data/llm)
+    monkeypatch.chdir(mini_demo.parent)
+    train.main(args(mini_demo.relative_to(mini_demo.parent), tmp_path))
+    assert os.path.exists(mini_demo / "annotation_views.json")        # the views copy was written and read
     best = torch.load(tmp_path / "best.pt", weights_only=True)       # no pickled code needed
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert not any(k.startswith("llm.") for k in best["model"])      # the frozen LLM is never saved
