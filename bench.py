@@ -316,20 +316,20 @@ def timed(fn, warmup, repeats, device) -> list[float]:
     return times
 
 
-def train_step_fn(model, batch, micro_batch, autocast, grad_clip=1.0):
-    """One optimizer step as train.py takes it: forward + backward (over micro-batches, gradients
-    accumulated), gradient clipping, AdamW."""
+def train_step_fn(model, batch, micro_batch, autocast):
+    """One optimizer step as train.py takes it: train.accumulate_gradients over the micro-batches,
+    gradient clipping at cfg.grad_clip, AdamW."""
+    import train
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=batch["pixel_values"].is_cuda)
-    B = batch["pixel_values"].shape[0]
-    chunks = [{k: v[i:i + micro_batch] for k, v in batch.items()} for i in range(0, B, micro_batch)]
+    B, device = batch["pixel_values"].shape[0], batch["pixel_values"].device
+    chunks = [{**{k: v[i:i + micro_batch] for k, v in batch.items()}, "ids": list(range(i, min(i + micro_batch, B)))}
+              for i in range(0, B, micro_batch)]
 
     def step():
-        for chunk in chunks:
-            with autocast:
-                loss = model(**chunk)["loss"] / len(chunks)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        train.accumulate_gradients(model, chunks, B, 1, device, autocast)
+        torch.nn.utils.clip_grad_norm_(params, model.cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -72,14 +72,11 @@ def test_meta_build_counts_equal_the_real_build():
 
 
 def test_paper_preset_memory_estimate_fits_the_24_gb_mode():
-    """The paper's full model on the meta device: 16 bytes per trained parameter, 2 per frozen LLM
-    parameter, and the whole micro-batch-1 step under 24 GiB (measured on an H200: 20.6 GiB allocated)."""
+    """The paper's full model on the meta device: the whole micro-batch-1 step under 24 GiB (measured on
+    an H200: 20.6 GiB allocated), batch 4 above it."""
     cfg = M.paper()
     model = bench.build_model(cfg, bench.build_llm(cfg, "meta"), "meta")
-    counts = model.parameter_counts()
     one, four = (bench.estimate_memory(model, b, cfg.max_report_tokens, cfg.max_text_tokens) for b in (1, 4))
-    assert one["terms"]["trained weights, grads, AdamW (fp32)"] == 16 * counts["trained"]
-    assert one["terms"]["frozen LLM (bf16)"] == 2 * counts["llm (frozen)"]
     assert one["total"] < 24 * bench.GiB < four["total"] + 3 * bench.GiB
     # activations grow with the micro-batch, weights do not
     grown = {k for k in one["terms"] if four["terms"][k] != one["terms"][k]}

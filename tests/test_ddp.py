@@ -54,6 +54,8 @@ def train_weights(root, out, nproc, *extra):
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert f"global batch 8 on {nproc} x cpu" in run.stdout
+    with open(out / "predictions_test.csv") as f:             # every rank's shard, gathered by rank 0
+        assert [r["id"] for r in csv.DictReader(f)] == ["test-00000", "test-00001"]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["loop"]["global_step"] == 4
     return ckpt["model"]
