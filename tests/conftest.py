@@ -44,3 +44,15 @@ def llm_dir(tmp_path_factory, tokenizer):
     llm.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def largest_difference(a, b) -> tuple[float, str]:
+    """The largest absolute difference between two state dicts with the same keys, and where it is."""
+    assert a.keys() == b.keys()
+    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
+
+
+def env_without_java(threads: int = 2) -> dict:
+    """The environment for a train.py subprocess: `threads` threads, and a PATH without java, so the
+    final evaluation skips the METEOR jar (~20 s a run), as evaluate.py does on a machine without it."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": os.path.dirname(sys.executable)}

@@ -11,7 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 import demo
+from conftest import env_without_java, largest_difference
 from data import clean_report_mimic_cxr
+from view_classifier import write_annotation_with_views
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 1e-3
@@ -26,11 +28,7 @@ def small_demo(tmp_path_factory):
     demo.pretrain_demo_llm(root, str(root / "llm"), steps=1, batch_size=4)
     with open(root / "views.csv") as f:
         views = {row["image_path"]: row["view"] for row in csv.DictReader(f)}
-    ann = json.loads((root / "annotation.json").read_text())
-    for entries in ann.values():
-        for e in entries:
-            e["views"] = [views[p] for p in e["image_path"]]
-    (root / "annotation_views.json").write_text(json.dumps(ann))
+    write_annotation_with_views(root / "annotation.json", root / "annotation_views.json", views)
     return root
 
 
@@ -47,9 +45,8 @@ def train_weights(root, out, nproc, *extra):
     args = ["--data_dir", str(root), "--llm", str(root / "llm"), "--out_dir", str(out), "--epochs", "2",
             "--batch_size", "8", "--lr", str(LR), "--eval_batch_size", "2", "--num_workers", "0",
             "--max_new_tokens", "2", "--ckpt_every", "0", "--log_every", "100", *extra]
-    # One thread per process in both runs (torchrun's default for 2 processes). A PATH without java: the
-    # final evaluation then skips the METEOR jar (~20 s per run), as evaluate.py does on a machine without it.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": os.path.dirname(sys.executable)}
+    # one thread per process in both runs (torchrun's default for 2 processes)
+    env = env_without_java(threads=1)
     run = subprocess.run([*launcher, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -59,11 +56,6 @@ def train_weights(root, out, nproc, *extra):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["loop"]["global_step"] == 4
     return ckpt["model"]
-
-
-def largest_difference(a, b):
-    assert a.keys() == b.keys()
-    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
 
 
 def test_two_processes_end_with_the_weights_of_one(small_demo, tmp_path):
