@@ -34,7 +34,8 @@ Attention's two activation-by-activation products (Q K^T and P V) cost 4 * T^2 *
 sequence forward (counted in full, as PaLM's MFU does, though a causal kernel can skip half) and twice
 that backward. Gradient checkpointing runs the LLM layers' forward a second time during backward
 (2*N*T + 4*T^2*d per layer, less each layer's last matmul, whose recompute backward does not need).
-MFU counts model FLOPs only; HFU adds that recompute. tests/test_bench.py checks the formula against
+With one_llm_pass, both LLM sequences run padded to the longer one, and the padding is computed too.
+MFU counts model FLOPs only; HFU adds the recompute and the padding. tests/test_bench.py checks the formula against
 torch's FlopCounterMode on a real forward and backward, to the FLOP.
 """
 
@@ -135,7 +136,8 @@ def sequence_lengths(model, report_tokens, text_tokens) -> dict:
 
 def step_flops(model, batch_size, report_tokens, text_tokens) -> dict:
     """Matmul FLOPs of one training step over `batch_size` studies, by component (model FLOPs: forward
-    + backward once), plus the recompute of the checkpointed LLM layers. Works on the meta device."""
+    + backward once), plus the recompute of the checkpointed LLM layers and, with one_llm_pass, the
+    padding of the shorter sequence (both are hardware FLOPs only). Works on the meta device."""
     cfg, seq, L, Lt = model.cfg, sequence_lengths(model, report_tokens, text_tokens), report_tokens, text_tokens
     if cfg.backbone != "mae" or cfg.clip:
         raise NotImplementedError("step_flops counts the paper's model (ViT-MAE, no CLIP loss)")
@@ -172,14 +174,22 @@ def step_flops(model, batch_size, report_tokens, text_tokens) -> dict:
         return (2 * (n_llm - n_down) * T + attention(T, d_attn, lcfg.num_hidden_layers)) if cfg.grad_checkpointing else 0
 
     flops["llm (V2T)"] = frozen_llm(seq["v2t"]) + 4 * n_head * L      # the vocabulary head on the L report positions
-    extra = recompute(seq["v2t"])
+    extra, padding = recompute(seq["v2t"]), 0
     if cfg.t2v:
         tcfg = model.text_encoder.config
         flops["text_encoder"] = trained(matmul_weights(model.text_encoder), Lt) + \
             3 * attention(Lt, tcfg.hidden_size, tcfg.num_hidden_layers)
         flops["text_mapper"] = trained(matmul_weights(model.text_mapper), Lt)
         flops["llm (T2V)"] = frozen_llm(seq["t2v"])
+        if cfg.t2v_readout == "word":              # E_g = softmax(lm_head(h)) @ W on Np positions, W frozen
+            flops["llm (T2V)"] += 4 * n_head * Np + 4 * model.llm.get_input_embeddings().weight.numel() * Np
         extra += recompute(seq["t2v"])
+        if cfg.one_llm_pass:
+            # Both sequences run as one batch, padded to the longer one: the padding is computed (hardware
+            # FLOPs) but is not model work, so MFU counts the two sequences at their own lengths.
+            T = max(seq["v2t"], seq["t2v"])
+            padding = 2 * frozen_llm(T) - frozen_llm(seq["v2t"]) - frozen_llm(seq["t2v"])
+            extra += 2 * recompute(T) - recompute(seq["v2t"]) - recompute(seq["t2v"])
     if cfg.rec:
         dec = model.vision_decoder
         flops["rec_mapper"] = trained(matmul_weights(model.rec_mapper), Np)
@@ -187,7 +197,8 @@ def step_flops(model, batch_size, report_tokens, text_tokens) -> dict:
             1 + N, dec.decoder_embed.out_features, len(dec.decoder_layers)))
     flops = {k: v * batch_size for k, v in flops.items()}
     total = sum(flops.values())
-    return dict(components=flops, model=total, recompute=extra * batch_size, hardware=total + extra * batch_size)
+    return dict(components=flops, model=total, recompute=extra * batch_size, padding=padding * batch_size,
+                hardware=total + (extra + padding) * batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -200,10 +211,11 @@ def estimate_memory(model, micro_batch, report_tokens, text_tokens, act_bytes=2)
     weights and optimizer: 16 bytes per trained parameter (fp32 weight, gradient, AdamW's two moments)
                            + 2 (the bf16 copy autocast makes of each trained weight, kept for backward)
                            + 2 per frozen LLM parameter (bf16) + 4 per other frozen parameter (fp32)
-    activations of one micro-batch of b studies, T_v2t + T_t2v LLM tokens each:
-      LLM, checkpointed:   n_layers * b * (T_v2t + T_t2v) * dL * 2   (each layer's input)
-                           + b * max(T_v2t, T_t2v) * (16 dL + 6 dff)  (one layer recomputed in backward)
-      LLM, not checkpointed: n_layers * b * (T_v2t + T_t2v) * (16 dL + 6 dff)
+    activations of one micro-batch of b studies, T = T_v2t + T_t2v LLM tokens each (one_llm_pass: both
+    padded to the longer, T = 2 max(T_v2t, T_t2v), all in one pass; two passes: T_pass = max(T_v2t, T_t2v)):
+      LLM, checkpointed:   n_layers * b * T * dL * 2                 (each layer's input)
+                           + b * T_pass * (16 dL + 6 dff)            (one layer recomputed in backward)
+      LLM, not checkpointed: n_layers * b * T * (16 dL + 6 dff)
       ViT / BERT layers (trained): tokens * layers * (20 d + 4 dff)
       vocabulary head:     b * L * V * 10                              (bf16 logits, fp32 copy, log-softmax)
 
@@ -213,7 +225,7 @@ def estimate_memory(model, micro_batch, report_tokens, text_tokens, act_bytes=2)
     autocast saves two fp32 LayerNorm inputs (2 x 4 d), their bf16 casts (2 x 2 d), q, k, v, output
     (4 x 2 d) and the MLP's two bf16 activations (2 x 2 dff). SDPA keeps no T x T matrix. Gradients and
     activations are added as if both peaked together. Against torch.cuda.max_memory_allocated on an
-    H200 (paper preset, full model): batch 4 estimated 21.9 GiB, measured 20.5; micro-batch 1 x 4
+    H200 (paper preset, full model, --one_llm_pass false): batch 4 estimated 21.9 GiB, measured 20.5; micro-batch 1 x 4
     estimated 20.55 GiB, measured 20.64 (the CUDA context and the allocator's cache come on top)."""
     cfg, seq, b = model.cfg, sequence_lengths(model, report_tokens, text_tokens), micro_batch
     if cfg.backbone != "mae" or cfg.clip:
@@ -224,9 +236,12 @@ def estimate_memory(model, micro_batch, report_tokens, text_tokens, act_bytes=2)
     lcfg = model.llm.config
     dL, dff, nL = lcfg.hidden_size, lcfg.intermediate_size, lcfg.num_hidden_layers
     llm_layer = 16 * dL + 6 * dff                                  # bytes per token, one frozen layer
-    T = seq["v2t"] + seq["t2v"]
+    if cfg.t2v and cfg.one_llm_pass:         # one batch of 2b rows, each padded to the longer sequence
+        T, T_pass = 2 * max(seq["v2t"], seq["t2v"]), 2 * max(seq["v2t"], seq["t2v"])
+    else:                                    # two passes: the layer recomputed in backward holds one of them
+        T, T_pass = seq["v2t"] + seq["t2v"], max(seq["v2t"], seq["t2v"])
     if cfg.grad_checkpointing:
-        llm_act = nL * b * T * dL * act_bytes + b * max(seq["v2t"], seq["t2v"]) * llm_layer
+        llm_act = nL * b * T * dL * act_bytes + b * T_pass * llm_layer
     else:
         llm_act = nL * b * T * llm_layer
 
@@ -537,6 +552,8 @@ def meta_report(cfg, report_tokens, text_tokens):
         lines.append(f"== {name}: FLOPs per training step of {cfg.batch_size} studies (matmuls; formula in bench.py)")
         lines += [f"  {k:<28}{v / 1e12:>12.2f} TFLOP" for k, v in f["components"].items()]
         lines.append(f"  {'model FLOPs (MFU)':<28}{f['model'] / 1e12:>12.2f} TFLOP")
+        if f["padding"]:
+            lines.append(f"  {'+ padding (one LLM pass)':<28}{f['padding'] / 1e12:>12.2f} TFLOP")
         lines.append(f"  {'+ checkpoint recompute':<28}{f['recompute'] / 1e12:>12.2f} TFLOP  (hardware {f['hardware'] / 1e12:.2f})")
         for setting, m in mem.items():
             lines.append(f"== {name}: estimated peak memory per GPU, {setting}: {m['total'] / GiB:.1f} GiB")

@@ -18,13 +18,17 @@ def tiny_model(device="cpu", **overrides):
     return bench.build_model(cfg, bench.build_llm(cfg, device), device)
 
 
-@pytest.mark.parametrize("t2v,rec,checkpointing", [(False, False, False), (True, False, False),
-                                                    (True, True, False), (True, True, True)])
-def test_flop_formula_equals_torch_flop_counter(t2v, rec, checkpointing):
+@pytest.mark.parametrize("t2v,rec,checkpointing,one_pass,readout", [
+    (False, False, False, False, "hidden"), (True, False, False, False, "hidden"), (True, True, False, False, "hidden"),
+    (True, True, True, False, "hidden"), (True, True, False, True, "hidden"), (True, True, True, True, "hidden"),
+    (True, False, False, False, "word")])
+def test_flop_formula_equals_torch_flop_counter(t2v, rec, checkpointing, one_pass, readout):
     """FlopCounterMode counts every matmul, conv and attention product that autograd really runs (the
     frozen LLM's missing weight gradients, the patch embedding's missing input gradient, the recompute
-    of checkpointing). Eager attention, so that the attention products are visible to it on a CPU."""
-    model = tiny_model(t2v=t2v, rec=rec, grad_checkpointing=checkpointing, images_per_study=2)
+    of checkpointing, the padding of one LLM pass). Eager attention, so that the attention products are
+    visible to it on a CPU."""
+    model = tiny_model(t2v=t2v, rec=rec, grad_checkpointing=checkpointing, images_per_study=2,
+                       one_llm_pass=one_pass, t2v_readout=readout)
     for part in (model.llm, model.vision_encoder) + ((model.text_encoder,) if t2v else ()):
         part.set_attn_implementation("eager")
     if rec:
@@ -36,6 +40,7 @@ def test_flop_formula_equals_torch_flop_counter(t2v, rec, checkpointing):
     f = bench.step_flops(model, 2, report_tokens=7, text_tokens=9)
     assert counter.get_total_flops() == f["hardware"]
     assert (f["recompute"] > 0) == checkpointing and f["model"] == sum(f["components"].values())
+    assert (f["padding"] > 0) == one_pass          # the two sequences differ in length here
 
 
 def test_flop_formula_by_hand_on_the_tiny_preset():
