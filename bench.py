@@ -62,7 +62,6 @@ import model as M
 # of MFU. Matched as substrings of torch.cuda.get_device_name(), first match wins (A100 before A10).
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
                     "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155}
-BLIP_TEXT_VOCAB = 30524              # BLIP's BERT vocabulary (bert-base-uncased + 2 added tokens)
 TINY_VOCAB = 128                     # about the demo tokenizer's (115 words and specials)
 SETTINGS = {"V2T": dict(t2v=False, rec=False), "V2T+T2V": dict(t2v=True, rec=False),
             "V2T+T2V+Rec": dict(t2v=True, rec=True)}
@@ -92,11 +91,8 @@ def build_llm(cfg: M.Config, device):
 def build_model(cfg: M.Config, llm, device) -> M.ReportGenerator:
     """ReportGenerator around `llm` (shared between settings: it is frozen, nothing changes it), the rest
     random from the Config fields (vision="" and text_encoder="" build from the widths and depths)."""
-    vocab = llm.config.vocab_size
-    tok = M.StandInTokenizer(vocab)
-    text_tok = M.StandInTokenizer(BLIP_TEXT_VOCAB if vocab == M.LLAMA2_7B["vocab_size"] else vocab)
     with torch.device(device):
-        model = M.ReportGenerator(dataclasses.replace(cfg, vision="", text_encoder=""), llm, tok, text_tok)
+        model = M.random_full_size(cfg, llm=llm)
     model.eos_id = None                            # see build_llm: never stop early
     return model
 

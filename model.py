@@ -309,17 +309,23 @@ class StandInTokenizer:
         return types.SimpleNamespace(input_ids=ids)
 
 
-def random_full_size(cfg: Config, dtype=torch.bfloat16) -> "ReportGenerator":
+BLIP_TEXT_VOCAB = 30524              # BLIP's BERT vocabulary (bert-base-uncased + 2 added tokens)
+
+
+def random_full_size(cfg: Config, dtype=torch.bfloat16, llm=None) -> "ReportGenerator":
     """The model of `cfg` (e.g. the paper preset) at full size with random weights and stand-in
     tokenizers, built on the current default device (use `with torch.device("meta"):` to count
-    parameters without memory, or "cuda" for bench.py). Nothing is downloaded."""
+    parameters without memory, or "cuda" for bench.py). Nothing is downloaded. `llm`: a frozen LLM to
+    build around (bench.py shares one between settings); None builds Llama-2-7B's shape at random."""
     import dataclasses
-    shape = dict(LLAMA2_7B) if cfg.llm.startswith("meta-llama/Llama-2-7b") else None
-    if shape is None:
-        raise ValueError(f"random_full_size knows the shape of Llama-2-7B only, not {cfg.llm!r}")
-    llm = random_llm(dtype, **shape)
+    if llm is None:
+        if not cfg.llm.startswith("meta-llama/Llama-2-7b"):
+            raise ValueError(f"random_full_size knows the shape of Llama-2-7B only, not {cfg.llm!r}")
+        llm = random_llm(dtype, **LLAMA2_7B)
+    vocab = llm.config.vocab_size
+    text_vocab = BLIP_TEXT_VOCAB if vocab == LLAMA2_7B["vocab_size"] else vocab   # the demo shares one tokenizer
     random_cfg = dataclasses.replace(cfg, vision="", text_encoder="")    # same shapes, random weights
-    return ReportGenerator(random_cfg, llm, StandInTokenizer(shape["vocab_size"]), StandInTokenizer(30524))
+    return ReportGenerator(random_cfg, llm, StandInTokenizer(vocab), StandInTokenizer(text_vocab))
 
 
 def left_align(x, mask):
