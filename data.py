@@ -217,19 +217,22 @@ def load_image(path) -> Image.Image:
     Grayscale ('L') is copied to 3 channels; 16-bit grayscale ('I;16', 'I') is scaled, not clipped;
     palette ('P') and bilevel ('1') images go through their palette; an alpha channel is dropped.
     Refused: a missing, truncated or corrupt file, and more than MAX_IMAGE_PIXELS pixels."""
+    bad_file = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for bad files
     try:
         with warnings.catch_warnings():  # PIL warns above 89 M pixels; MAX_IMAGE_PIXELS decides instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise DataError(f"{path}: image is {w} x {h} = {w * h / 1e6:.0f} M pixels, above the limit of "
-                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} M (data.MAX_IMAGE_PIXELS): a wrong file or a "
-                            "corrupt header? downscale it, or raise the limit")
+            img = Image.open(path)       # reads the header only
+    except bad_file as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        img.close()
+        raise DataError(f"{path}: image is {w} x {h} = {w * h / 1e6:.0f} M pixels, above the limit of "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} M (data.MAX_IMAGE_PIXELS): a wrong file or a "
+                        "corrupt header? downscale it, or raise the limit")
+    try:
         img.load()  # decode now, so a truncated or corrupt file fails here and not in a worker later
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
-        if isinstance(e, DataError):
-            raise
+    except bad_file as e:
         raise DataError(f"{path}: cannot read image ({e})") from e
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit PNGs (e.g. converted from DICOM): map the full 0..65535 range linearly onto 0..255.
