@@ -916,9 +916,21 @@ def main(argv=None):
                    help="--ckpt: time generation of the split's first N studies at batch 1 and at "
                         "eval_batch_size, print reports/s, and stop (no scoring)")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # Under torchrun every rank generates its shard of the split and rank 0 scores the whole of it.
+    from train import setup_distributed                   # here, not at the top: train.py imports this file
+    rank, world, device = setup_distributed()
+    try:
+        if world > 1 and (args.distance or args.throughput or args.predictions):
+            raise SystemExit("evaluate.py: --distance, --throughput and --predictions run in one process; "
+                             "start them with python, not torchrun")
+        _main(args, rank, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
+
+def _main(args, rank, device):
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.distance:
         figure4(args.distance, args.split, args.out, device, args.data_dir, args.llm, args.eval_batch_size)
         return
@@ -933,7 +945,8 @@ def main(argv=None):
     labeller = None
     if cfg.dataset == "demo":
         from demo import parse_findings as labeller
-    scorers = load_scorers(device, args.bertscore_model, args.bertscore_layers, args.bertscore_baseline)
+    scorers = load_scorers(device, args.bertscore_model, args.bertscore_layers, args.bertscore_baseline) \
+        if rank == 0 else None                             # the other ranks only generate
     rows = read_predictions(args.predictions) if args.predictions else None
     evaluate_split(model, cfg, args.split, records, ds.images_root, cleaner, collate, tokenizer, device,
                    autocast, out_dir=os.path.dirname(os.path.abspath(args.ckpt)), labeller=labeller,

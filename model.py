@@ -52,16 +52,16 @@ class Config:
     patch_size: int = 32             # tiny: 7 x 7 = 49 visual tokens per image keeps the CPU demo fast
     vision_width: int = 64           # dv (Swin: the width of its last stage)
     vision_layers: int = 2           # (Swin: the depth of its third stage; the others have 2 blocks)
-    vision_heads: int = 4
+    vision_heads: int = 4            # attention heads per encoder layer
     decoder_width: int = 64          # MAE decoder width
-    decoder_layers: int = 1
-    decoder_heads: int = 4
+    decoder_layers: int = 1          # MAE decoder depth
+    decoder_heads: int = 4           # MAE decoder attention heads
     # --- text encoder (BLIP's BERT text model) for the text-to-vision branch
     text_encoder: str = ""           # Hub id or local dir of a BLIP checkpoint; "" builds it at random from below
     text_tokenizer: str = ""         # its tokenizer; "" reuses the LLM's tokenizer (the demo)
     text_width: int = 64             # dt
-    text_layers: int = 2
-    text_heads: int = 4
+    text_layers: int = 2             # text-encoder depth
+    text_heads: int = 4              # text-encoder attention heads
     # --- which losses (the paper's ablations, Table 3)
     t2v: bool = True                 # text-to-vision branch, Eq. 2
     rec: bool = True                 # image reconstruction branch
@@ -80,19 +80,19 @@ class Config:
                                      # faster full step on an H200 (launch-bound), 1.15x slower on CPU (padding)
     # --- generation
     num_beams: int = 3               # Sec. 4.1: beam search of size 3
-    max_new_tokens: int = 60
+    max_new_tokens: int = 60         # longest generated report, in LLM tokens
     # --- training
-    out_dir: str = "out/demo"
-    epochs: int = 6
+    out_dir: str = "out/demo"        # last.pt, best.pt, predictions and metrics go here
+    epochs: int = 6                  # Sec. 4.1: 5 on MIMIC-CXR, 2 on IU-Xray (the paper preset sets them)
     batch_size: int = 16             # per step, over all ranks (Sec. 4.1: 4 at full size)
     micro_batch_size: int = 0        # per rank per forward; 0 = batch_size / ranks. Smaller: gradient accumulation
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64        # studies per generate() call in validation and test
     lr: float = 1e-3                 # the tiny demo learns from scratch in minutes; the paper uses 1e-4
     min_lr: float = 0.0              # cosine annealing floor
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    num_workers: int = 1
-    seed: int = 0
+    weight_decay: float = 0.01       # AdamW's (the paper does not give one: PyTorch's default)
+    grad_clip: float = 1.0           # max global gradient norm ("inf": no clipping, the norm is still checked)
+    num_workers: int = 1             # data-loader processes per rank
+    seed: int = 0                    # initial weights, random crops and data order
     log_every: int = 20              # steps between loss prints
     ckpt_every: int = 200            # steps between mid-epoch resumable checkpoints
 

@@ -3,6 +3,7 @@ global batches (train.epoch_indices gives every world size the same global batch
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,7 +59,14 @@ def train_weights(root, out, nproc, *extra):
     return ckpt["model"]
 
 
-def test_two_processes_end_with_the_weights_of_one(small_demo, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(small_demo, tmp_path_factory):
+    """A single-process run: its out_dir (best.pt, the test split's predictions and metrics) and weights."""
+    out = tmp_path_factory.mktemp("one")
+    return out, train_weights(small_demo, out, 1)
+
+
+def test_two_processes_end_with_the_weights_of_one(small_demo, one_process, tmp_path):
     """All three losses on; reports of different lengths. Adam moves each weight by about lr per step;
     the runs must agree to a hundredth of one step. Rounding alone leaves ~2e-6 here; a real difference
     moves weights by ~lr: a rank-dependent crop or seed, a gradient not averaged, clipping before the
@@ -66,8 +74,26 @@ def test_two_processes_end_with_the_weights_of_one(small_demo, tmp_path):
     mean of those means, weighs a token by 1/(2 x its process's token count) instead of 1/(the global
     batch's token count): 4e-3 here before train.py weighted each micro-batch by its share of the tokens)."""
     assert len(set(report_lengths(small_demo))) > 1                 # so the token weighting matters
-    one = train_weights(small_demo, tmp_path / "one", 1)
+    one = one_process[1]
     for name, extra in (("two", ()), ("two, accumulating", ("--micro_batch_size", "2"))):
         two = train_weights(small_demo, tmp_path / name, 2, *extra)
         diff, param = largest_difference(one, two)
         assert diff < 1e-2 * LR, (name, diff, param)
+
+
+def test_evaluate_py_under_torchrun_writes_and_scores_what_one_process_does(one_process, tmp_path):
+    """Each rank generates its shard of the test split (study r, r+W, ...); rank 0 gathers the shards in
+    order, writes the predictions and scores the whole split once. The single-process reference is the
+    test evaluation at the end of the one-process training run, from the same best.pt."""
+    out, _ = one_process
+    shutil.copy(out / "best.pt", tmp_path / "best.pt")       # evaluate.py writes next to the checkpoint
+    env = {**env_without_java(threads=1), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "evaluate.py", "--ckpt", str(tmp_path / "best.pt")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("test split, 2 studies") == 1                # scored once, by rank 0
+    assert (tmp_path / "predictions_test.csv").read_text() == (out / "predictions_test.csv").read_text()
+    two, one = (json.loads((d / "metrics_test.json").read_text())["model"] for d in (tmp_path, out))
+    assert {k: v for k, v in two.items() if k != "reports_per_second"} == \
+        {k: v for k, v in one.items() if k != "reports_per_second"}
