@@ -11,6 +11,7 @@ import os
 import random
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,8 +118,8 @@ class Record:
     views: list[str] | None  # "frontal"/"lateral" per image if the annotation has "views", else None
 
 
-def _entry_problem(entry, split: str, seen: set, first: "Record | None", images_root) -> str:
-    """What is wrong with one annotation entry ('' if nothing); `first` is the split's first good record."""
+def _entry_problem(entry, split: str, seen: set, k: int | None, images_root) -> str:
+    """What is wrong with one annotation entry ('' if nothing); `k`: the split's usual image count."""
     if not isinstance(entry, dict):
         return f"is a {type(entry).__name__}, not an object"
     for key, typ in (("id", str), ("report", str), ("image_path", list), ("split", str)):
@@ -140,9 +141,8 @@ def _entry_problem(entry, split: str, seen: set, first: "Record | None", images_
     paths = entry["image_path"]
     if not paths or not all(isinstance(p, str) and p for p in paths):
         return f"'image_path' should be a non-empty list of paths, got {paths!r}"
-    # the collate stacks images into (B, K, C, H, W), so K must be the same for the whole split
-    if first is not None and len(paths) != len(first.image_paths):
-        return f"has {len(paths)} images but record {first.id!r} has {len(first.image_paths)}"
+    if k is not None and len(paths) != k:
+        return f"has {len(paths)} image(s) where the split's other studies have {k}"
     views = entry.get("views")
     if views is not None:
         if not isinstance(views, list) or len(views) != len(paths):
@@ -180,9 +180,14 @@ def load_annotation(path, split: str, images_root) -> list[Record]:
     if not isinstance(ann[split], list):
         raise DataError(f"{path}: split {split!r} is not a list of records")
 
+    # The collate stacks a study's images into (B, K, C, H, W): K is the split's most common image count,
+    # so that the odd record out is the one named, even when it comes first.
+    counts = Counter(len(e["image_path"]) for e in ann[split]
+                     if isinstance(e, dict) and isinstance(e.get("image_path"), list) and e["image_path"])
+    k = counts.most_common(1)[0][0] if counts else None
     records, seen, problems = [], set(), []
     for i, entry in enumerate(ann[split]):
-        problem = _entry_problem(entry, split, seen, records[0] if records else None, images_root)
+        problem = _entry_problem(entry, split, seen, k, images_root)
         if problem:
             rid = entry.get("id") if isinstance(entry, dict) else None
             problems.append(f"record {rid!r}: {problem}" if isinstance(rid, str) else f"record #{i}: {problem}")
@@ -194,6 +199,16 @@ def load_annotation(path, split: str, images_root) -> list[Record]:
         raise DataError(f"{path}: split {split!r}: {len(problems)} bad record(s); fix or remove them:\n  "
                         + "\n  ".join(problems[:20]) + more)
     return records
+
+
+def check_images_per_study(records: dict[str, list[Record]], k: int, path) -> None:
+    """Every study of every split must carry k images (Config.images_per_study): the model reads k x N
+    visual tokens, and a test split with one image per study would be read with half of them."""
+    for split, recs in records.items():
+        if recs and len(recs[0].image_paths) != k:
+            n = len(recs[0].image_paths)
+            raise DataError(f"{path}: the {split!r} studies have {n} image(s) each, but images_per_study is {k} "
+                            f"(IU-Xray 2, MIMIC-CXR 1): pass --images_per_study {n}, or fix the annotation")
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +229,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 def load_image(path) -> Image.Image:
     """Open an X-ray as 8-bit RGB, or raise DataError naming the file and the problem.
 
-    Grayscale ('L') is copied to 3 channels; 16-bit grayscale ('I;16', 'I') is scaled, not clipped;
+    Grayscale ('L') is copied to 3 channels; 16-bit grayscale ('I;16', 'I') is scaled, not clipped, from
+    the full 0..65535 range (12-bit values stored in 16 bits would come out dark: rescale such files first);
     palette ('P') and bilevel ('1') images go through their palette; an alpha channel is dropped.
     Refused: a missing, truncated or corrupt file, and more than MAX_IMAGE_PIXELS pixels."""
     bad_file = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for bad files
@@ -283,8 +299,10 @@ class ReportDataset(torch.utils.data.Dataset):
 
     An image that cannot be read (missing, truncated, corrupt, too large: load_image) is found only
     when it is decoded, possibly days into a run. With substitute_bad_images (training), the record is
-    replaced by the next readable one of the list and item["skipped"] holds one message per record
-    passed over, naming it and the problem, for the training log to print and count. Without it
+    replaced by the next readable one of the list and item["skipped"] holds the message naming it and
+    the problem, for the training log to print and count. Only the item's own record is named: a bad
+    record passed over on the way to a readable one is named when it is itself fetched, so each bad
+    record counts once per epoch however many sit in a row. Without it
     (evaluation), DataError names the record: a test set with a study silently replaced would no
     longer be the test set."""
 
@@ -312,7 +330,7 @@ class ReportDataset(torch.utils.data.Dataset):
         while len(skipped) < MAX_BAD_IN_A_ROW:
             j = (i + len(skipped)) % len(self)
             try:
-                return {**self._item(j), "skipped": skipped}
+                return {**self._item(j), "skipped": skipped[:1]}
             except DataError as e:
                 skipped.append(str(e))
         raise DataError(f"{MAX_BAD_IN_A_ROW} records in a row have unreadable images, the last: {skipped[-1]}; "

@@ -305,7 +305,9 @@ def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0) -> None
             path = f"{split}/{sid}.png"
             render_image(study, rng).save(os.path.join(root, "images", path), compress_level=1)
             report = write_report(study["findings"], rng)
-            annotation[split].append(dict(id=sid, study_id=f"s{seed}{i:07d}", subject_id=f"p{seed}{i:07d}",
+            # one patient per study, and no id shared between splits (no patient is in two splits)
+            n0 = {"train": 0, "val": n_train, "test": n_train + n_val}[split]
+            annotation[split].append(dict(id=sid, study_id=f"s{seed}{n0 + i:07d}", subject_id=f"p{seed}{n0 + i:07d}",
                                           report=report, image_path=[path], split=split))
             views.append((path, study["view"]))
     with open(os.path.join(root, "views.csv"), "w", newline="") as f:

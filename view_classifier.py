@@ -72,7 +72,7 @@ def view_of(value: str) -> str | None:
 
 def _read_csv(path, columns) -> list[dict]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # utf-8-sig: a BOM (Excel) is not part of the header
             reader = csv.DictReader(f)
             rows = list(reader)
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
@@ -284,7 +284,7 @@ def write_annotation_with_views(annotation_path, out_path, views: dict[str, str]
     order). The original is only read; the copy appears whole or not at all (written, then renamed)."""
     if os.path.abspath(out_path) == os.path.abspath(annotation_path):
         raise ValueError(f"{out_path}: refusing to overwrite the original annotation; write a copy")
-    with open(annotation_path, encoding="utf-8") as f:
+    with open(annotation_path, encoding="utf-8-sig") as f:    # a BOM is accepted, as load_annotation does
         ann = json.load(f)
     for split, entries in ann.items():
         for entry in entries:

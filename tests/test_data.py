@@ -123,7 +123,7 @@ BREAKS = {
     "views length": (lambda e: e.update(views=["frontal"]), "'views' should be a list of 2"),
     "views value": (lambda e: e.update(views=["frontal", "oblique"]), "'views' has a value not in"),
     "split field": (lambda e: e.update(split="test"), "listed under 'train'"),
-    "image count": (lambda e: e.update(image_path=["train1_0.png"]), "has 1 images"),
+    "image count": (lambda e: e.update(image_path=["train1_0.png"]), "has 1 image(s) where the split's other studies have 2"),
 }
 
 
@@ -137,6 +137,25 @@ def test_load_annotation_refuses(ann_dir, case):
     msg = str(err.value)
     rid = ann["train"][1]["id"]
     assert "annotation.json" in msg and f"'{rid}'" in msg and "'train'" in msg and problem in msg, msg
+
+
+def test_the_odd_image_count_out_is_named_even_when_it_comes_first(ann_dir):
+    root, ann = ann_dir
+    ann["train"][0]["image_path"] = ["train0_0.png"]
+    with pytest.raises(data.DataError, match=r"1 bad record\(s\).*\n  record 'train0': has 1 image\(s\)[^\n]*$"):
+        _load(root, ann)
+
+
+def test_every_split_must_carry_images_per_study_images(ann_dir):
+    root, ann = ann_dir
+    for e in ann["test"]:
+        e["image_path"] = e["image_path"][:1]
+    records = {split: _load(root, ann, split) for split in data.SPLITS}
+    data.check_images_per_study({s: records[s] for s in ("train", "val")}, 2, "annotation.json")
+    with pytest.raises(data.DataError, match=r"the 'test' studies have 1 image\(s\) each, but images_per_study is 2"):
+        data.check_images_per_study(records, 2, "annotation.json")
+    with pytest.raises(data.DataError, match=r"the 'train' studies have 2 image\(s\) each, .*--images_per_study 2"):
+        data.check_images_per_study(records, 1, "annotation.json")
 
 
 def test_load_annotation_missing_id_names_index(ann_dir):
@@ -265,9 +284,11 @@ def test_training_dataset_replaces_an_unreadable_record_and_says_so(ann_dir):
     assert "record 'train1'" in item["skipped"][0] and "train1_0.png: cannot read image" in item["skipped"][0]
     assert torch.equal(item["pixel_values"], ds[2]["pixel_values"]) and ds[2]["skipped"] == []
     (root / "images" / "train2_1.png").write_bytes(b"")
-    assert ds[1]["id"] == "train0" and len(ds[1]["skipped"]) == 2           # wraps around to the start
+    assert ds[1]["id"] == "train0"                                           # wraps around to the start
+    # each item names only its own record, so an epoch counts each of two bad records in a row once
+    assert [m.split(":")[0] for i in range(len(ds)) for m in ds[i]["skipped"]] == ["record 'train1'", "record 'train2'"]
     out = data.make_collate(demo.build_tokenizer(["heart normal ."], []), demo.build_tokenizer(["heart ."], []),
-                            8, 8)([ds[0], ds[1]])
+                            8, 8)([ds[1], ds[2]])
     assert out["ids"] == ["train0", "train0"] and len(out["skipped"]) == 2
     # evaluation never replaces a study
     with pytest.raises(data.DataError, match=r"record 'train1': .*train1_0.png: cannot read image"):

@@ -146,6 +146,8 @@ def test_lateral_studies_carry_only_what_a_lateral_view_shows():
 def test_dataset_loads_through_data_py(demo_root):
     ann = json.loads((demo_root / "annotation.json").read_text())
     assert set(ann) == {"train", "val", "test"} and all("views" not in r for r in ann["train"])
+    entries = [e for split in ann.values() for e in split]                 # one patient per study, no id twice
+    assert len({e["study_id"] for e in entries}) == len({e["subject_id"] for e in entries}) == len(entries)
     for split, n in (("train", 20), ("val", 5), ("test", 5)):
         recs = data.load_annotation(demo_root / "annotation.json", split, demo_root / "images")
         assert len(recs) == n and all(len(r.image_paths) == 1 and r.views is None for r in recs)

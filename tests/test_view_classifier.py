@@ -115,6 +115,8 @@ def test_csv_labels_accept_views_and_view_positions(tmp_path):
                                    ["b/0.png", "PA"], ["b/1.png", "LL"], ["c/0.png", ""]])
     assert vc.csv_view_labels(tmp_path / "v.csv") == {
         "a/0.png": "frontal", "a/1.png": "lateral", "b/0.png": "frontal", "b/1.png": "lateral"}
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "v.csv").read_bytes())  # as Excel saves it
+    assert vc.csv_view_labels(tmp_path / "bom.csv") == vc.csv_view_labels(tmp_path / "v.csv")
     write_csv(tmp_path / "bad.csv", [["image_path", "view"], ["a/0.png", "frontal"], ["a/1.png", "side"]])
     with pytest.raises(data.DataError, match=r"line 3, image 'a/1.png': unknown view 'side'"):
         vc.csv_view_labels(tmp_path / "bad.csv")
@@ -177,6 +179,11 @@ def test_annotation_copy_has_one_view_per_image_and_leaves_the_original(tmp_path
         for rec in data.load_annotation(tmp_path / "copy.json", split, images):
             assert rec.views == [views[p] for p in rec.image_paths]
     assert data.load_annotation(tmp_path / "copy.json", "val", images)[1].views == ["lateral", "lateral"]
+
+    # an annotation saved with a byte-order mark, which load_annotation accepts, is copied too
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + before)
+    vc.write_annotation_with_views(tmp_path / "bom.json", tmp_path / "bom_copy.json", views)
+    assert json.loads((tmp_path / "bom_copy.json").read_text()) == json.loads((tmp_path / "copy.json").read_text())
 
     with pytest.raises(ValueError, match="overwrite"):
         vc.write_annotation_with_views(original, original, views)
