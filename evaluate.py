@@ -871,11 +871,12 @@ def load_model(ckpt_path, device, data_dir=None, llm=None, eval_batch_size=None)
 def split_dataset(cfg, split, tokenizer, text_tokenizer):
     """For a checkpoint's config: the split's evaluation dataset, the collate, the report cleaner, and the
     records of the training split and this one."""
-    from data import CLEANERS, annotation_path, load_annotation, make_collate
+    from data import CLEANERS, annotation_path, check_images_per_study, load_annotation, make_collate
 
     images_root = os.path.join(cfg.data_dir, "images")
     ann = annotation_path(cfg.data_dir, cfg.annotation)          # the file train.py read
     records = {s: load_annotation(ann, s, images_root) for s in {"train", split}}
+    check_images_per_study(records, cfg.images_per_study, ann)
     cleaner = CLEANERS[cfg.dataset]
     ds = ReportDataset(records[split], images_root, cleaner, train=False, resize=cfg.resize, crop=cfg.image_size)
     collate = make_collate(tokenizer, text_tokenizer, cfg.max_report_tokens, cfg.max_text_tokens)

@@ -106,6 +106,9 @@ class Config:
             raise ValueError(f"t2v_readout must be 'hidden' or 'word', got {self.t2v_readout!r}")
         if self.t2v_reduction not in ("mean", "sum"):
             raise ValueError(f"t2v_reduction must be 'mean' or 'sum', got {self.t2v_reduction!r}")
+        if self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}, the shorter edge) must be at least image_size ({self.image_size}, "
+                             "the crop taken from it)")
         if self.images_per_study not in (1, 2):
             raise ValueError(f"images_per_study must be 1 (MIMIC-CXR) or 2 (IU-Xray), got {self.images_per_study}")
 

@@ -45,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from transformers.utils import logging as hf_logging
 
-from data import CLEANERS, DataError, ReportDataset, annotation_path, clean_reports, load_annotation, make_collate
+from data import (CLEANERS, DataError, ReportDataset, annotation_path, check_images_per_study, clean_reports,
+                  load_annotation, make_collate)
 from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
 from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer, parse_bool
 
@@ -90,7 +91,10 @@ def parse_args(argv=None):
         overrides.setdefault("data_dir", os.path.join("data", dataset))
         overrides.setdefault("out_dir", os.path.join("out", dataset))
         overrides.setdefault("images_per_study", 2 if dataset == "iu_xray" else 1)
-    return PRESETS[preset](**overrides), args.resume
+    try:
+        return PRESETS[preset](**overrides), args.resume
+    except ValueError as e:                              # Config refuses a combination: say it as a usage error
+        p.error(str(e))
 
 
 # -----------------------------------------------------------------------------
@@ -354,6 +358,7 @@ def main(argv=None):
     # Every annotation problem stops the run here, at start-up (data.load_annotation), the test split's
     # included, rather than after days of training.
     records = {s: load_annotation(ann, s, images_root) for s in ("train", "val", "test")}
+    check_images_per_study(records, cfg.images_per_study, ann)
     clean_reports(records["test"], cleaner)
     labeller = None
     if cfg.dataset == "demo":                 # the demo's findings can be read back from any report
@@ -478,6 +483,16 @@ def main(argv=None):
                     break
                 if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps_per_epoch:
                     checkpoint_now(epoch, step + 1)
+            else:
+                # A signal that came after the last step read the flag would be dropped when the handlers
+                # are restored: read it once more, on every rank, before leaving them.
+                signum = torch.tensor(received[0] if received else 0, device=device)
+                if world > 1:
+                    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+                if signum.item():
+                    stopped_by = int(signum.item())
+                    print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
+                    checkpoint_now(epoch, steps_per_epoch)
         if stopped_by:
             break
         # The epoch's training is saved before validation: a run stopped during validation resumes
@@ -499,7 +514,7 @@ def main(argv=None):
                 loop["best_bleu4"] = bleu4
                 save_checkpoint(best_path, raw_model, cfg, metrics={"val_BLEU_4": bleu4, "epoch": epoch})
         if world > 1:
-            best = torch.tensor([loop["best_bleu4"]])
+            best = torch.tensor([loop["best_bleu4"]], device=device)     # nccl: CUDA tensors only
             dist.broadcast(best, 0)
             loop["best_bleu4"] = best.item()
         checkpoint_now(epoch + 1, 0)
@@ -510,8 +525,10 @@ def main(argv=None):
         evaluate_split(raw_model, cfg, "test", records, images_root, cleaner, collate, tokenizer, device,
                        autocast, out_dir=cfg.out_dir, labeller=labeller)
     if world > 1:
+        # No barrier here: the other ranks are done once the test split is generated and gathered, and
+        # rank 0 alone scores it (the nearest-image baseline reads every training image), which can take
+        # longer than NCCL's 10-minute collective timeout; a rank waiting in a barrier would be aborted.
         del model, optimizer
-        dist.barrier()
         dist.destroy_process_group()
     if stopped_by:
         print0(f"stopped by {signal.Signals(stopped_by).name}: {last_good} saved; continue with --resume "

@@ -199,6 +199,25 @@ def test_signal_saves_a_resumable_checkpoint_and_exits(dataset, llm_dir, tmp_pat
         assert largest_difference(straight, weights(out))[0] < 1e-6
 
 
+def test_a_signal_during_an_epochs_last_step_still_stops_the_run(dataset, llm_dir, tmp_path, monkeypatch):
+    """The signal arrives in the optimizer step of epoch 0's last step, after that step read the flag:
+    the run must still stop before validation and the next epoch, not drop it with the handlers."""
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_and_signal(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:                               # epoch 0 has two steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_and_signal)
+    with pytest.raises(SystemExit) as stop:
+        train_in_process(monkeypatch, *run_args(dataset, llm_dir, tmp_path / "run"))
+    assert stop.value.code == 128 + signal.SIGTERM and len(calls) == 2
+    loop = train.load_checkpoint(tmp_path / "run" / "last.pt")["loop"]
+    assert (loop["epoch"], loop["step"], loop["global_step"]) == (0, 2, 2)   # resumes with epoch 0's validation
+
+
 # -----------------------------------------------------------------------------
 # 3. non-finite loss or gradient
 
@@ -293,6 +312,14 @@ def test_bad_annotation_stops_at_start_up_naming_every_record(llm_dir, tmp_path,
         train_in_process(monkeypatch, *run_args(root, llm_dir, tmp_path / "out"))
 
 
+def test_studies_with_another_image_count_than_the_config_are_refused(dataset, llm_dir, tmp_path, monkeypatch):
+    """One image per study read with images_per_study 2 (IU-Xray's): refused at start-up, before training."""
+    with pytest.raises(data.DataError, match=r"annotation.json: the 'train' studies have 1 image\(s\) each, but "
+                                             r"images_per_study is 2 .*--images_per_study 1"):
+        train_in_process(monkeypatch, *run_args(dataset, llm_dir, tmp_path / "out"), "--images_per_study", "2")
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
 def test_bad_data_exits_with_the_message_and_no_traceback(tmp_path, llm_dir):
     root = tmp_path / "data"
     ann = write_dataset(root, n_train=4, n_val=1, n_test=1)
@@ -382,7 +409,8 @@ def test_unknown_and_mistyped_options_are_refused_listing_the_valid_ones(capsys)
     assert e.value.code == 2 and "unrecognized arguments: --learning_rate 1e-4 --epoch 3" in err
     assert "--epoch -> --epochs?" in err
     assert "valid options: --annotation --backbone --batch_size" in err and " --weight_decay" in err
-    for bad in (["--epochs", "two"], ["--lr", "fast"], ["--t2v", "maybe"], ["--dataset", "chexpert"]):
+    for bad in (["--epochs", "two"], ["--lr", "fast"], ["--t2v", "maybe"], ["--dataset", "chexpert"],
+                ["--resize", "200"]):                     # a 224 crop from a 200-pixel edge
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert "error: " in capsys.readouterr().err
