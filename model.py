@@ -196,7 +196,8 @@ def build_vision(cfg: Config):
     """The vision encoder (and, for MAE, its decoder): a Hub id or local dir, or random from the fields."""
     if cfg.backbone == "swin":
         if cfg.vision:   # SwinModel strips the classification checkpoint's "swin." prefix itself
-            swin, info = SwinModel.from_pretrained(cfg.vision, add_pooling_layer=False, output_loading_info=True)
+            swin, info = SwinModel.from_pretrained(cfg.vision, add_pooling_layer=False, dtype=torch.float32,
+                                                   output_loading_info=True)
             _refuse_missing(cfg.vision, info)
             return swin
         h = cfg.vision_heads
@@ -205,8 +206,10 @@ def build_vision(cfg: Config):
             depths=[2, 2, cfg.vision_layers, 2], num_heads=[max(1, h // 8), max(1, h // 4), max(1, h // 2), h],
             window_size=7), add_pooling_layer=False)
     if cfg.vision:
-        # mask_ratio=0: every patch is encoded (the paper's encoder sees the whole image)
-        mae, info = ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0, output_loading_info=True)
+        # mask_ratio=0: every patch is encoded (the paper's encoder sees the whole image). Trained weights
+        # are float32 whatever the checkpoint stores (transformers 5 loads in the checkpoint's dtype).
+        mae, info = ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0, dtype=torch.float32,
+                                                         output_loading_info=True)
         _refuse_missing(cfg.vision, info)
         return mae
     mae = ViTMAEForPreTraining(ViTMAEConfig(
@@ -252,7 +255,7 @@ def load_blip_text_encoder(name: str) -> BlipTextModel:
 
     BlipTextModel.from_pretrained(<full BLIP checkpoint>) finds none of its keys and returns a random
     model without an error: we map the prefixes and refuse any weight that is still missing."""
-    model, info = BlipTextModel.from_pretrained(name, is_decoder=False, add_pooling_layer=False,
+    model, info = BlipTextModel.from_pretrained(name, is_decoder=False, add_pooling_layer=False, dtype=torch.float32,
                                                 key_mapping=BLIP_TEXT_KEYS, output_loading_info=True)
     _refuse_missing(f"{name} (BLIP text model, looked for under text_decoder.bert.* and text_encoder.*)", info)
     return model

@@ -119,6 +119,11 @@ def test_vit_mae_checkpoint_with_hub_names_loads_every_weight(tmp_path):
     assert loaded.keys() == ref.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items())
 
+    # a checkpoint stored in bf16 is still trained in float32 (AdamW on bf16 weights loses small updates)
+    ref.config.dtype = torch.bfloat16
+    _write(tmp_path / "mae_bf16", ref.config, {k: v.bfloat16() for k, v in hub.items()})
+    assert {p.dtype for p in M.build_vision(M.Config(vision=str(tmp_path / "mae_bf16"))).parameters()} == {torch.float32}
+
     del hub["decoder.decoder_layers.1.attention.attention.value.bias"]
     _write(tmp_path / "broken", ref.config, hub)
     with pytest.raises(ValueError, match="decoder_layers.1"):
