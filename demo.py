@@ -294,7 +294,7 @@ def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0) -> None
     root/images/<split>/<id>.png and root/views.csv (the true view per image: the demo's analogue of
     MIMIC-CXR's metadata CSV, against which the view classifier can be checked)."""
     annotation, views = {}, []
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+    for k, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
         annotation[split] = []
         for i in range(n):
@@ -305,9 +305,10 @@ def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0) -> None
             path = f"{split}/{sid}.png"
             render_image(study, rng).save(os.path.join(root, "images", path), compress_level=1)
             report = write_report(study["findings"], rng)
-            # one patient per study, and no id shared between splits (no patient is in two splits)
-            n0 = {"train": 0, "val": n_train, "test": n_train + n_val}[split]
-            annotation[split].append(dict(id=sid, study_id=f"s{seed}{n0 + i:07d}", subject_id=f"p{seed}{n0 + i:07d}",
+            # one patient per study, no id shared between splits (no patient is in two splits), and a
+            # split's ids do not depend on the other splits' sizes
+            num = f"{seed}{k}{i:06d}"
+            annotation[split].append(dict(id=sid, study_id=f"s{num}", subject_id=f"p{num}",
                                           report=report, image_path=[path], split=split))
             views.append((path, study["view"]))
     with open(os.path.join(root, "views.csv"), "w", newline="") as f:
