@@ -60,7 +60,7 @@ import model as M
 
 # Dense bf16 tensor-core peaks (fp32 accumulate) from the vendors' datasheets, TFLOP/s: the denominator
 # of MFU. Matched as substrings of torch.cuda.get_device_name(), first match wins (A100 before A10).
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H200": 989, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,
                     "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155}
 TINY_VOCAB = 128                     # about the demo tokenizer's (115 words and specials)
 SETTINGS = {"V2T": dict(t2v=False, rec=False), "V2T+T2V": dict(t2v=True, rec=False),
@@ -679,6 +679,9 @@ def summary(rows) -> dict:
 def main(argv=None):
     args, overrides = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)        # the torch.cuda memory and sync calls below use the current device
+    M.use_safe_attention_kernels()           # as train.py runs
     preset = args.preset or ("paper" if device.type == "cuda" or args.meta else "tiny")
     cfg = M.PRESETS[preset](**overrides)
     L, Lt = args.report_tokens or cfg.max_report_tokens, args.text_tokens or cfg.max_text_tokens

@@ -334,6 +334,18 @@ def random_full_size(cfg: Config, dtype=torch.bfloat16, llm=None) -> "ReportGene
     return ReportGenerator(random_cfg, llm, StandInTokenizer(vocab), StandInTokenizer(text_vocab))
 
 
+def use_safe_attention_kernels():
+    """On CUDA, keep PyTorch's cuDNN attention kernel out of the run (train.py, evaluate.py, bench.py).
+
+    torch 2.11-2.14 prefer it on H100/H200, and its backward returns NaN query gradients when a mask is
+    passed, the sequence length is 64 mod 128 and a query row's logsumexp is very negative
+    (pytorch/pytorch#196678): a fully masked row is one, and the left padding of the text-to-vision rows
+    makes such rows. The memory-efficient and flash kernels, which are correct there, remain enabled.
+    (Not measured here: no GPU. The CPU kernels give zeros for fully masked rows.)"""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def left_align(x, mask):
     """Move each row's padding to the left: (B, T, d), (B, T) -> same, valid items right-aligned.
 
@@ -514,7 +526,9 @@ class ReportGenerator(nn.Module):
             # the expected word embedding of the LLM's next-token distribution: a point in the
             # word-embedding space (the last hidden state, after the final RMSNorm, is not: see README)
             W = self.llm.get_input_embeddings().weight
-            return torch.softmax(self.llm.lm_head(h).float(), -1) @ W.float()
+            # in the LLM's dtype (bf16 at full size, as autocast would compute it anyway): an fp32 copy of
+            # Llama-2's table would add 512 MiB to every step
+            return (torch.softmax(self.llm.lm_head(h).float(), -1).to(W.dtype) @ W).float()
         return h
 
     def _t2v_error(self, E_v, E_g):
@@ -576,7 +590,8 @@ class ReportGenerator(nn.Module):
         scale = self.clip_logit_scale.clamp(max=math.log(100)).exp()    # CLIP caps the scale at 100
         labels = torch.arange(v.shape[0], device=v.device) + offset
         # this rank's rows of the global similarity matrix, image->text and text->image
-        return 0.5 * (F.cross_entropy(scale * v @ t_all.T, labels) + F.cross_entropy(scale * t @ v_all.T, labels))
+        with torch.autocast(v.device.type, enabled=False):             # fp32 logits (autocast would make them bf16)
+            return 0.5 * (F.cross_entropy(scale * v @ t_all.T, labels) + F.cross_entropy(scale * t @ v_all.T, labels))
 
     def forward(self, pixel_values, report_ids, report_mask, text_ids=None, text_mask=None):
         """Eq. 3: L_TOTAL = L_VTC + lambda1 L_TVC + lambda2 L_REC. Returns every term for logging."""

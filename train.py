@@ -48,7 +48,8 @@ from transformers.utils import logging as hf_logging
 from data import (CLEANERS, DataError, ReportDataset, annotation_path, check_images_per_study, clean_reports,
                   load_annotation, make_collate)
 from evaluate import caption_scores, clinical_scores, evaluate_split, generate_reports
-from model import PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer, parse_bool
+from model import (PRESETS, Config, ReportGenerator, load_frozen_llm, load_tokenizer, parse_bool,
+                   use_safe_attention_kernels)
 
 DATASETS = {"demo": "demo", "iu_xray": "iu_xray", "mimic": "mimic_cxr", "mimic_cxr": "mimic_cxr"}
 
@@ -103,6 +104,7 @@ def parse_args(argv=None):
 
 def setup_distributed():
     """(rank, world_size, device) from torchrun's environment; a single process otherwise."""
+    use_safe_attention_kernels()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -514,7 +516,7 @@ def main(argv=None):
                 loop["best_bleu4"] = bleu4
                 save_checkpoint(best_path, raw_model, cfg, metrics={"val_BLEU_4": bleu4, "epoch": epoch})
         if world > 1:
-            best = torch.tensor([loop["best_bleu4"]], device=device)     # nccl: CUDA tensors only
+            best = torch.tensor([loop["best_bleu4"]], dtype=torch.float64, device=device)  # nccl: CUDA tensors only
             dist.broadcast(best, 0)
             loop["best_bleu4"] = best.item()
         checkpoint_now(epoch + 1, 0)

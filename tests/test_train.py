@@ -63,3 +63,16 @@ def test_resume_refuses_a_checkpoint_of_another_model(mini_demo, tmp_path, monke
     train.main(args(mini_demo, tmp_path, "--epochs", "1"))
     with pytest.raises(ValueError, match="t2v: checkpoint True vs now False"):
         train.main(args(mini_demo, tmp_path, "--t2v", "false", "--resume"))
+
+
+def test_cuda_runs_keep_the_cudnn_attention_kernel_off(monkeypatch):
+    """train.py and evaluate.py set up through setup_distributed, which turns PyTorch's cuDNN attention off
+    on CUDA (its backward gives NaN for the fully masked rows of left padding: model.use_safe_attention_kernels)."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert train.setup_distributed()[2].type == "cuda"
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
