@@ -194,6 +194,8 @@ def bertscore_baseline(name: str, layers: int, path: str | None = None) -> float
             return None
     with open(path, newline="") as f:
         rows = {int(r["LAYER"]): float(r["F"]) for r in csv.DictReader(f)}
+    if layers not in rows:
+        raise Unavailable(f"{path} has no baseline for layer {layers} (it has layers {min(rows)}-{max(rows)})")
     return rows[layers]
 
 
@@ -376,10 +378,14 @@ class CheXbert:
                 self.tokenizer = BertTokenizer.from_pretrained("bert-base-uncased")
                 self.model = bert_labeler(inference=True)
             state = torch.load(ckpt, map_location="cpu")["model_state_dict"]
-            # f1chexbert loads with strict=False (old checkpoints carry a position_ids buffer)
-            self.model.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=False)
+            # f1chexbert loads with strict=False (old checkpoints carry a position_ids buffer); a weight
+            # the checkpoint lacks would leave a random labeller, so missing keys are refused
+            info = self.model.load_state_dict({k.replace("module.", ""): v for k, v in state.items()}, strict=False)
         except Exception as e:
             raise Unavailable(f"CheXbert could not be loaded: {type(e).__name__}: {e}") from e
+        if info.missing_keys:
+            raise Unavailable(f"{ckpt} lacks {len(info.missing_keys)} CheXbert weights ({info.missing_keys[:5]} ...): "
+                              "not the StanfordAIMI/RRG_scorers chexbert.pth?")
         self.model.to(device).eval()
         self.device, self.batch_size = device, batch_size
 
@@ -515,8 +521,9 @@ def table2_scores(refs: list[str], hyps: list[str], scorers: dict, cache: dict |
         per_report["bertscore"] = scorer(refs, hyps)
         out["BERTScore"] = float(np.mean(per_report["bertscore"]))
         out["BERTScore_setting"] = scorer.setting
-        per_report["radcliq_setting"] = (scorer.name, scorer.layers, scorer.baseline) == \
-            ("distilroberta-base", 5, bertscore_baseline("distilroberta-base", 5))
+        # RadCliQ-v1's scaler was fitted on rescaled distilroberta layer-5 F1 (baseline F = 0.8473319)
+        per_report["radcliq_setting"] = scorer.baseline is not None and \
+            (scorer.name, scorer.layers, scorer.baseline) == ("distilroberta-base", 5, bertscore_baseline("distilroberta-base", 5))
 
     def chexbert(scorer):
         if "chexbert" not in cache:
@@ -685,13 +692,15 @@ def small_images(dataset, size=32):
 
 
 def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, tokenizer, device,
-                   autocast=None, out_dir=None, labeller=None, scorers=None, meteor=True, rows=None):
+                   autocast=None, out_dir=None, labeller=None, scorers=None, meteor=True, rows=None,
+                   rows_path=None):
     """Generate the split, write the predictions, score them next to two baselines, print a table.
 
     Predictions are written before any scoring starts, so a scorer failing after hours of generation
     loses nothing. scorers: load_scorers()'s dict (BERTScore, CheXbert, RadGraph); None loads the
     defaults on rank 0, where the scoring happens. Returns the metrics dict (on rank 0; other ranks
-    return None). rows: reports already generated (read_predictions), scored without generating again."""
+    return None). rows: reports already generated (read_predictions of rows_path), scored without
+    generating again; the metrics still go to out_dir."""
     ds = ReportDataset(records[split], images_root, cleaner, train=False, resize=cfg.resize,
                        crop=cfg.image_size)
     out_dir = out_dir or cfg.out_dir
@@ -732,7 +741,7 @@ def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, to
         metrics["model"]["reports_per_second"] = len(rows) / gen_seconds
         speed = f"{len(rows) / gen_seconds:.1f} reports/s generated"
     keys = CAPTION_KEYS + TABLE2_KEYS + (["clinical_precision", "clinical_recall", "clinical_f1"] if labeller else [])
-    print(f"\n{split} split, {len(rows)} studies ({speed}); predictions: {pred_path}")
+    print(f"\n{split} split, {len(rows)} studies ({speed}); predictions: {rows_path or pred_path}")
     print(format_table(metrics, keys))
     for key, value in metrics["model"].items():
         if key.endswith("_unavailable"):
@@ -951,7 +960,7 @@ def _main(args, rank, device):
     rows = read_predictions(args.predictions) if args.predictions else None
     evaluate_split(model, cfg, args.split, records, ds.images_root, cleaner, collate, tokenizer, device,
                    autocast, out_dir=os.path.dirname(os.path.abspath(args.ckpt)), labeller=labeller,
-                   scorers=scorers, rows=rows)
+                   scorers=scorers, rows=rows, rows_path=args.predictions)
 
 
 if __name__ == "__main__":

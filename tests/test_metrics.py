@@ -28,6 +28,7 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 from rouge_score import rouge_scorer
 
+import evaluate as evaluate_module
 from evaluate import (BERTSCORE_MODEL, CAPTION_KEYS, RADCLIQ_V1_INTERCEPT, BERTScorer, CheXbert, RadGraph,
                       Unavailable, bertscore_baseline, caption_scores, chexbert_positive, clinical_scores,
                       format_table, load_scorers, most_frequent_report, nearest_neighbour_reports,
@@ -351,6 +352,8 @@ def test_bertscore_default_is_the_cxr_report_metric_setting():
     # bert-score's rescale_baseline/en/distilroberta-base.tsv, row LAYER 5, column F
     assert bertscore_baseline("distilroberta-base", 5) == pytest.approx(0.8473319, abs=1e-9)
     assert bertscore_baseline("all-MiniLM-L6-v2", 6) is None
+    with pytest.raises(Unavailable, match="no baseline for layer 9 .*layers 0-6"):   # distilroberta has 6 layers
+        bertscore_baseline("distilroberta-base", 9)
 
 
 def test_bertscore_empty_report_scores_zero_before_rescaling(minilm):
@@ -418,6 +421,18 @@ def fake_module(monkeypatch, name, **attrs):
     monkeypatch.setitem(sys.modules, f"{name}.{name}", sub)
 
 
+def test_chexbert_weights_that_would_leave_a_random_labeller_are_refused(monkeypatch, tmp_path):
+    import transformers
+    fake_module(monkeypatch, "f1chexbert", CACHE_DIR=str(tmp_path), bert_labeler=lambda inference: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(transformers.BertTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: object()))
+    torch.save({"model_state_dict": {"module.bias": torch.zeros(2)}}, tmp_path / "chexbert.pth")
+    with pytest.raises(Unavailable, match=r"lacks 1 CheXbert weights \(\['weight'\]"):
+        CheXbert()
+    torch.save({"model_state_dict": {"module.weight": torch.ones(2, 2), "module.bias": torch.zeros(2)}},
+               tmp_path / "chexbert.pth")
+    assert torch.equal(CheXbert().model.weight, torch.ones(2, 2))
+
+
 def test_chexbert_and_radgraph_skip_with_reason(monkeypatch, tmp_path, no_network):
     monkeypatch.setitem(sys.modules, "f1chexbert", None)  # import fails, as without the package
     monkeypatch.setitem(sys.modules, "radgraph", None)
@@ -472,7 +487,7 @@ def test_chexbert_head_classes_to_labels():
     assert chexbert_positive(classes) == {"Enlarged Cardiomediastinum", "Cardiomegaly", "Edema", "No Finding"}
 
 
-def test_table2_scores_with_stand_in_scorers():
+def test_table2_scores_with_stand_in_scorers(monkeypatch):
     """The plumbing from per-report outputs to the table: micro CheXbert P/R/F1, RadGraph F1, s_emb and
     RadCliQ-v1, and the reference side computed once for all the systems of a table."""
     class StubBERTScore:
@@ -509,4 +524,8 @@ def test_table2_scores_with_stand_in_scorers():
     table2_scores(["r1", "r2"], ["r1", "r2"], scorers, cache)  # a second system: references from the cache
     assert StubCheXbert.calls == [["r1", "r2"], ["h1", "h2"], ["r1", "r2"]]
     scorers["BERTScore"].layers = 6  # any other setting: RadCliQ-v1's coefficients do not apply
+    assert "fitted on BERTScore" in table2_scores(["r1", "r2"], ["h1", "h2"], scorers)["RadCliQ_v1_unavailable"]
+    # layer 5 but not rescaled (no baseline, e.g. bert-score missing while bertscore_baseline also says None)
+    scorers["BERTScore"].layers, scorers["BERTScore"].baseline = 5, None
+    monkeypatch.setattr(evaluate_module, "bertscore_baseline", lambda *a, **k: None)
     assert "fitted on BERTScore" in table2_scores(["r1", "r2"], ["h1", "h2"], scorers)["RadCliQ_v1_unavailable"]
