@@ -107,6 +107,8 @@ def test_batched_generation_equals_one_report_at_a_time(checkpoints):
         assert r["reports"] == 3 and r["reports_per_second"] > 0 and r["same_reports_as_first"]
     one = evaluate.generate_reports(model, ds, collate, tok, cleaner, cfg, torch.device("cpu"), batch_size=1)
     assert [r["id"] for r in one] == [rec.id for rec in ds.records]
+    batched = evaluate.generate_reports(model, ds, collate, tok, cleaner, cfg, torch.device("cpu"), batch_size=2)
+    assert [r["generated"] for r in batched] == [r["generated"] for r in one]     # not only the flag above
 
 
 def test_evaluate_split_scores_bertscore_and_lists_what_it_skipped(checkpoints, tmp_path, monkeypatch, capsys):

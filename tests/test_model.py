@@ -60,6 +60,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(llm_dir, tokenizer):
     grads = []
     for gc in (False, True):
         model = build(llm_dir, tokenizer, grad_checkpointing=gc)
+        assert model.llm.is_activation_checkpointing == gc          # load_frozen_llm turned it on (or not)
         model.train()
         model(**batch(tokenizer))["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
@@ -90,6 +91,35 @@ def test_t2v_alignment_is_shifted_by_one(llm_dir, tokenizer):
     assert model.loss_t2v(shifted, text_ids, text_mask).item() > 0.1
 
 
+def test_t2v_sends_its_gradient_to_E_v_through_the_target_only(llm_dir, tokenizer):
+    """Eq. 5: L_TVC is a function of E_v(theta_v) as the target; the teacher-forced input E_v is detached.
+    So dL_TVC/dE_v must be exactly that of mean ||E_v - E_g||^2 with E_g held fixed: a detached target
+    gives zero, an input that is not detached adds the LLM's Jacobian."""
+    model = build(llm_dir, tokenizer, rec=False)
+    b = batch(tokenizer)
+    B, Np, dL = 2, 49, model.llm.config.hidden_size
+    E_v = torch.randn(B, Np, dL, requires_grad=True)
+    with torch.no_grad():
+        E_g = model._read_E_g(model._llm_hidden(*model._t2v_inputs(E_v, b["text_ids"], b["text_mask"]))[:, -Np:])
+    (grad,) = torch.autograd.grad(model.loss_t2v(E_v, b["text_ids"], b["text_mask"]), E_v)
+    assert torch.allclose(grad, 2 * (E_v - E_g).detach() / (B * Np * dL), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("branch", ["t2v", "rec"])
+def test_each_regulariser_alone_reaches_the_vision_encoder(llm_dir, tokenizer, branch):
+    """Eq. 5's regularisation terms act on theta_v: L_TVC alone and L_REC alone each give the vision
+    encoder and the visual mapper a gradient (the decoder alone could learn, say, a constant image)."""
+    model = build(llm_dir, tokenizer, t2v=branch == "t2v", rec=branch == "rec")
+    model.train()
+    b = batch(tokenizer)
+    E_v = model.visual_embeddings(b["pixel_values"])
+    loss = model.loss_t2v(E_v, b["text_ids"], b["text_mask"]) if branch == "t2v" else model.loss_rec(E_v, b["pixel_values"])
+    loss.backward()
+    for name in ("vision_encoder", "visual_mapper"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+
+
 def test_t2v_loss_of_a_padded_batch_equals_each_row_alone(llm_dir, tokenizer):
     model = build(llm_dir, tokenizer, rec=False)
     b = batch(tokenizer)
@@ -99,6 +129,14 @@ def test_t2v_loss_of_a_padded_batch_equals_each_row_alone(llm_dir, tokenizer):
                             b["text_mask"][i:i + 1, :b["text_mask"][i].sum()]) for i in range(2)]
     assert b["text_mask"][0].sum() != b["text_mask"][1].sum()
     assert torch.allclose(both, (alone[0] + alone[1]) / 2, atol=1e-5)
+
+    def E_g(E, ids, mask):                                          # what each row's visual tokens are compared with
+        return model._read_E_g(model._llm_hidden(*model._t2v_inputs(E, ids, mask))[:, -E.shape[1]:])
+    together = E_g(E_v, b["text_ids"], b["text_mask"])
+    for i in range(2):
+        n = b["text_mask"][i].sum()
+        assert torch.allclose(together[i], E_g(E_v[i:i + 1], b["text_ids"][i:i + 1, :n], b["text_mask"][i:i + 1, :n])[0],
+                              atol=1e-5)
 
 
 def test_left_align():
@@ -126,6 +164,8 @@ def test_visual_tokens_are_in_natural_patch_order(llm_dir, tokenizer):
         y[..., r * p:(r + 1) * p, c * p:(c + 1) * p] += 1.0
         changed = (model.encode_image(x) - model.encode_image(y)).abs().sum(-1)[0] > 1e-6
         assert changed.nonzero().flatten().tolist() == [i]
+        changed = (model.visual_embeddings(x) - model.visual_embeddings(y)).abs().sum(-1)[0] > 1e-6
+        assert changed.nonzero().flatten().tolist() == [i]            # E_v too: the mapper keeps the order
 
 
 def test_a_random_vit_mae_knows_where_each_patch_is():
@@ -201,23 +241,36 @@ def test_checkpoint_state_excludes_the_llm(llm_dir, tokenizer):
     sd = model.trainable_state_dict()
     assert sd and not any(k.startswith("llm.") for k in sd)
     other = build(llm_dir, tokenizer)
+    with torch.no_grad():                                           # so that a load that does nothing shows
+        for p in other.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
     other.load_trainable_state_dict(copy.deepcopy(sd))
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
     with pytest.raises(ValueError, match="missing"):
         other.load_trainable_state_dict({k: v for k, v in sd.items() if "visual_mapper" not in k})
 
 
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_one_llm_pass_gives_the_losses_and_gradients_of_two_passes(llm_dir, tokenizer, grad_checkpointing):
+@pytest.mark.parametrize("grad_checkpointing,longer", [(False, "t2v"), (True, "t2v"), (False, "v2t")])
+def test_one_llm_pass_gives_the_losses_and_gradients_of_two_passes(llm_dir, tokenizer, grad_checkpointing, longer):
     """forward() stacks the V2T and T2V sequences into one LLM call (padded right and left to one
-    length); each loss and every gradient must equal the two separate passes of Eq. 1 and Eq. 2."""
+    length); each loss and every gradient must equal the two separate passes of Eq. 1 and Eq. 2, whichever
+    of the two sequences is the longer (the other one is the padded one)."""
     results = []
     for one_pass in (False, True):
         model = build(llm_dir, tokenizer, one_llm_pass=one_pass, grad_checkpointing=grad_checkpointing)
         model.train()
         b = batch(tokenizer, B=2)
         assert b["report_mask"].sum(1).tolist()[0] != b["report_mask"].sum(1).tolist()[1]  # padding in play
+        if longer == "v2t":                          # a short text: the T2V rows get the padding
+            b["text_ids"], b["text_mask"] = b["text_ids"][:, :3], b["text_mask"][:, :3]
+        T1 = model._v2t_inputs(torch.zeros(2, 49, model.llm.config.hidden_size), b["report_ids"], b["report_mask"])[0].shape[1]
+        T2 = model._t2v_inputs(torch.zeros(2, 49, model.llm.config.hidden_size), b["text_ids"], b["text_mask"])[0].shape[1]
+        assert (T1 > T2) == (longer == "v2t")
+        calls = []
+        model.llm.model.register_forward_pre_hook(lambda *a: calls.append(1))
         losses = model(**b)
+        assert len(calls) == (1 if one_pass else 2)
         losses["loss"].backward()
         results.append(({k: v.item() for k, v in losses.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))

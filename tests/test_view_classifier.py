@@ -64,12 +64,13 @@ def test_training_is_deterministic_under_a_seed(demo_dir):
     images, labels = os.path.join(demo_dir, "images"), vc.demo_view_labels(demo_dir)
     train = load_split(demo_dir, "train")[:32]
     states = []
-    for _ in range(2):
+    for seed in (3, 3, 4):                           # the same initial weights each time: only `seed` differs
         torch.manual_seed(3)
         model = vc.build_classifier("resnet18")
-        vc.train_classifier(model, train, images, labels, epochs=1, batch_size=16, lr=1e-3, image_size=32, seed=3)
+        vc.train_classifier(model, train, images, labels, epochs=1, batch_size=16, lr=1e-3, image_size=32, seed=seed)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])   # the seed orders the data
 
 
 # -----------------------------------------------------------------------------
