@@ -347,18 +347,20 @@ LLM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=4, max_position_embeddings=512)
 
 
-KEYWORDS = {"no_finding": "normal", "cardiomegaly": "cardiomegaly", "support_device": "tube",
-            "effusion_left": "left effusion", "effusion_right": "right effusion",
-            **{o: o.replace("opacity_", "").replace("_", " ") + " opacity" for o in OPACITIES}}
-
-
 def keywords(report: str) -> str:
-    """The findings of a report as keywords, in LABELS order, e.g. "cardiomegaly left effusion"."""
+    """The findings of a report as tag words, one word per finding, in LABELS order, e.g.
+    "cardiomegaly effusion_left support_device" ("no_finding" when there is none).
+
+    One word each, not phrases: with "left effusion" or "right lower opacity" the demo LLM did not
+    learn, in its pre-training budget, to bind the side or zone to the finding. Told the true findings
+    of the validation reports as keywords, it then wrote reports with clinical F1 0.721 (left and right
+    effusion 0.10 and 0.11), which bounds what any visual prefix could make it write; with tag words
+    and 1,000 steps it writes 0.938."""
     found = parse_findings(report)
-    return " ".join(KEYWORDS[label] for label in LABELS if label in found)
+    return " ".join(label for label in LABELS if label in found)
 
 
-def pretrain_demo_llm(data_dir, out_dir, steps=600, batch_size=16, seq_len=128, lr=3e-3, seed=0):
+def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128, lr=3e-3, seed=0):
     """Train a tiny Llama on the demo's *training* reports and save it with save_pretrained.
 
     A frozen random LLM cannot be steered into writing reports through a visual prefix (its loss stays
@@ -366,8 +368,8 @@ def pretrain_demo_llm(data_dir, out_dir, steps=600, batch_size=16, seq_len=128, 
     validation and test reports are never seen.
 
     Each report is written as an instruction-following document: the V2T prompt, keywords naming the
-    report's findings (read from the report itself), then the report ("<prompt> left effusion tube :
-    <report>"). The demo's reports state each finding independently of the others, so a model trained
+    report's findings (read from the report itself), then the report ("<prompt> effusion_left
+    support_device : <report>"). The demo's reports state each finding independently of the others, so a model trained
     on the bare reports never learns to let earlier words decide a later finding (we measured: a visual
     prefix then cannot steer it, even one computed from the true labels). Llama-2-chat brings that
     ability from its pre-training and instruction tuning; here the visual mapper must learn, from
@@ -382,7 +384,8 @@ def pretrain_demo_llm(data_dir, out_dir, steps=600, batch_size=16, seq_len=128, 
                               os.path.join(data_dir, "images"))
     reports = [clean_report_mimic_cxr(r.report) for r in records]
     cfg = Config()
-    extra = [cfg.prompt_v2t, cfg.prompt_v2t_after, cfg.prompt_t2v, "view: frontal.", "view: lateral.", "views: frontal, lateral."]
+    extra = [cfg.prompt_v2t, cfg.prompt_v2t_after, cfg.prompt_t2v, "view: frontal.", "view: lateral.", "views: frontal, lateral.",
+             " ".join(LABELS)]                             # the tag words of keywords()
     tokenizer = build_tokenizer(reports, extra)
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
