@@ -211,6 +211,11 @@ def build_vision(cfg: Config):
         mae, info = ViTMAEForPreTraining.from_pretrained(cfg.vision, mask_ratio=0.0, dtype=torch.float32,
                                                          output_loading_info=True)
         _refuse_missing(cfg.vision, info)
+        # MAE's position embeddings are a fixed sin-cos table (requires_grad False when built), but
+        # transformers 5.24's from_pretrained hands them back trainable, and AdamW would then decay
+        # and train them. Frozen again here, as in MAE.
+        mae.vit.embeddings.position_embeddings.requires_grad_(False)
+        mae.decoder.decoder_pos_embed.requires_grad_(False)
         return mae
     mae = ViTMAEForPreTraining(ViTMAEConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,

@@ -118,6 +118,10 @@ def test_vit_mae_checkpoint_with_hub_names_loads_every_weight(tmp_path):
     loaded = M.build_vision(M.Config(vision=str(tmp_path / "mae"))).state_dict()
     assert loaded.keys() == ref.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items())
+    # the sin-cos position tables stay fixed, as in a freshly built MAE (from_pretrained makes them trainable)
+    frozen = lambda m: sorted(n for n, p in m.named_parameters() if not p.requires_grad)
+    assert frozen(M.build_vision(M.Config(vision=str(tmp_path / "mae")))) == frozen(ref) == [
+        "decoder.decoder_pos_embed", "vit.embeddings.position_embeddings"]
 
     # a checkpoint stored in bf16 is still trained in float32 (AdamW on bf16 weights loses small updates)
     ref.config.dtype = torch.bfloat16
