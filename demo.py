@@ -369,9 +369,9 @@ def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128,
 
     Each report is written as an instruction-following document: the V2T prompt, keywords naming the
     report's findings (read from the report itself), then the report ("<prompt> effusion_left
-    support_device : <report>"). The demo's reports state each finding independently of the others, so a model trained
-    on the bare reports never learns to let earlier words decide a later finding (we measured: a visual
-    prefix then cannot steer it, even one computed from the true labels). Llama-2-chat brings that
+    support_device : <report>"). The demo's reports state each finding independently of the others,
+    so a model trained on the bare reports never learns to let earlier words decide a later finding
+    (we measured: a visual prefix then cannot steer it, even one computed from the true labels). Llama-2-chat brings that
     ability from its pre-training and instruction tuning; here the visual mapper must learn, from
     pixels alone, to write a prefix that does what the keywords do."""
     import torch
@@ -425,7 +425,7 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
 
     The paper starts from MAE-large, pre-trained on ImageNet; trained from scratch in the demo's
     budget, the tiny encoder never learns to make single visual tokens carry a finding, and the model
-    writes one report for every image (measured). With no ImageNet here, it is pre-trained on the
+    writes nearly the same report for every image (measured). With no ImageNet here, it is pre-trained on the
     training images to recognise the findings that parse_findings reads from their reports (the demo's
     analogue of an encoder pre-trained on CheXpert labels). The head is a linear layer on the *mean*
     of the patch tokens, so every token, on its own, learns to speak of the findings: the LLM reads
@@ -479,9 +479,10 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == steps - 1:
             print(f"demo encoder pre-training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
-    tmp = out_dir.rstrip("/") + ".tmp"             # saved whole, then renamed
+    tmp = out_dir.rstrip("/") + ".tmp"             # saved whole, then renamed (over an earlier one)
     shutil.rmtree(tmp, ignore_errors=True)
     mae.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return losses
 

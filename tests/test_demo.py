@@ -338,3 +338,6 @@ def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(
     changed = [k for k, v in loaded.vit.state_dict().items() if not torch.equal(v, fresh.vit.state_dict()[k])]
     assert set(changed) == {n for n, p in fresh.vit.named_parameters() if p.requires_grad}  # all trained, saved
     assert not loaded.vit.embeddings.position_embeddings.requires_grad
+    demo.pretrain_demo_encoder(root, str(tmp_path / "enc"), steps=1, batch_size=2, cfg=cfg, seed=1)  # a rerun replaces it
+    again = M.build_vision(M.Config(vision=str(tmp_path / "enc"), vision_layers=1))
+    assert not torch.equal(again.vit.embeddings.cls_token, loaded.vit.embeddings.cls_token)
