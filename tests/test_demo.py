@@ -315,6 +315,17 @@ def test_llm_pretraining_names_each_finding_with_one_word(demo_root, tmp_path):
         ids = tok(demo.keywords(report), add_special_tokens=False).input_ids
         assert len(ids) == len(findings) and tok.unk_token_id not in ids
 
+    # The pre-training documents put the tags where E_v stands in the V2T prefix, [S_v2t, E_v, S_v2t_after],
+    # which is what llm_ceiling feeds the LLM in their place.
+    import model as M
+
+    cfg = M.Config(llm=str(tmp_path / "llm"), t2v=False, rec=False)
+    gen = M.ReportGenerator(cfg, M.load_frozen_llm(cfg), tok)
+    kw = demo.keywords(report)
+    document = tok(f"{cfg.prompt_v2t} {kw} {cfg.prompt_v2t_after} {report}").input_ids
+    prefix = gen.prompt_v2t.tolist() + tok(kw, add_special_tokens=False).input_ids + gen.prompt_v2t_after.tolist()
+    assert document[:len(prefix)] == prefix and tok.unk_token_id not in document
+
 
 def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(demo_root, tmp_path):
     import shutil
