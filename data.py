@@ -375,6 +375,14 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def report_targets(llm_tokenizer, reports: list[str], max_report_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision-to-text targets (Eq. 1): each report's tokens, cut to max_report_tokens - 1, then EOS;
+    no BOS (the prompt and the visual tokens come first). Right-padded: ids and mask, (B, L)."""
+    rows = llm_tokenizer(reports, add_special_tokens=False).input_ids
+    rows = [r[: max_report_tokens - 1] + [llm_tokenizer.eos_token_id] for r in rows]
+    return _pad(rows, llm_tokenizer.pad_token_id)
+
+
 def make_collate(llm_tokenizer, text_tokenizer, max_report_tokens: int, max_text_tokens: int):
     for name, tok in (("llm_tokenizer", llm_tokenizer), ("text_tokenizer", text_tokenizer)):
         if tok.pad_token_id is None:  # Llama-2's tokenizer ships without one
@@ -390,10 +398,7 @@ def make_collate(llm_tokenizer, text_tokenizer, max_report_tokens: int, max_text
     def collate(batch: list[dict]) -> dict:
         reports = [b["report"] for b in batch]  # full and uncut: these are also the references
 
-        # vision-to-text target (Eq. 1): report tokens then EOS, no BOS (prompt + visual tokens come first)
-        rows = llm_tokenizer(reports, add_special_tokens=False).input_ids
-        rows = [r[: max_report_tokens - 1] + [llm_tokenizer.eos_token_id] for r in rows]
-        report_ids, report_mask = _pad(rows, llm_tokenizer.pad_token_id)
+        report_ids, report_mask = report_targets(llm_tokenizer, reports, max_report_tokens)
 
         # text-to-vision input: the report, plus its view sentence when the views are known
         body = text_tokenizer(reports, add_special_tokens=False).input_ids

@@ -441,6 +441,63 @@ def llm_ceiling(data_dir="demo_data", llm_dir="demo_data/llm", split="val", num_
     return clinical_scores(refs, hyps, parse_findings)
 
 
+def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=False, split="val", steps=500,
+                       batch_size=16, lr=1e-3, seed=0, num_beams=3):
+    """Clinical scores of the reports the frozen demo LLM writes from a visual prefix computed from the
+    true labels instead of the image, and that prefix's blocks: (scores, P).
+
+    E_v = P_0 + sum_j y_j P_j, with y_j = 1 when finding j is in the report (parse_findings) and one
+    learned (Np, dL) block per finding plus a constant one, trained by L_VTC (Eq. 1) on the training
+    reports through the frozen LLM, with no image. It bounds what a visual prefix linear in the
+    findings can do. shared=True ties each block's Np rows to one vector, so every visual token is
+    the same: what an encoder whose tokens all carry the image's findings can give the LLM. See the
+    README ("Status") for what each reaches."""
+    import torch
+
+    from data import clean_report_mimic_cxr, load_annotation, report_targets
+    from evaluate import clinical_scores
+    from model import Config, ReportGenerator, load_frozen_llm, load_tokenizer
+
+    cfg = Config(llm=llm_dir, t2v=False, rec=False)
+    tokenizer = load_tokenizer(llm_dir)
+    model = ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
+
+    def reports_and_labels(split):  # (n,) cleaned reports, (n, 9): a constant 1, then each finding
+        records = load_annotation(os.path.join(data_dir, "annotation.json"), split, os.path.join(data_dir, "images"))
+        reports = [clean_report_mimic_cxr(r.report) for r in records]
+        return reports, torch.tensor([[1.0] + [float(f in parse_findings(r)) for f in LABELS[1:]] for r in reports])
+
+    n_tokens = (cfg.image_size // cfg.patch_size) ** 2                # Np: the prefix has E_v's shape
+    W = model.llm.get_input_embeddings().weight
+    torch.manual_seed(seed)
+    P = torch.nn.Parameter(torch.randn(len(LABELS), 1 if shared else n_tokens, W.shape[1])
+                           * W.norm(dim=1).mean().item() / math.sqrt(W.shape[1]))   # word-embedding scale
+
+    def prefix(y):  # (B, 9) -> E_v (B, Np, dL)
+        return torch.einsum("bj,jnd->bnd", y, P).expand(-1, n_tokens, -1)
+
+    reports, y = reports_and_labels("train")
+    opt = torch.optim.AdamW([P], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(reports), (batch_size,), generator=g)
+        for group in opt.param_groups:                                    # cosine decay
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        ids, mask = report_targets(tokenizer, [reports[i] for i in idx], cfg.max_report_tokens)
+        loss = model.loss_v2t(prefix(y[idx]), ids, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    refs, y = reports_and_labels(split)
+    hyps = []
+    with torch.no_grad():
+        for s in range(0, len(refs), cfg.eval_batch_size):
+            x = model._v2t_prefix(prefix(y[s:s + cfg.eval_batch_size]))
+            mask = torch.ones(x.shape[:2], dtype=torch.long)
+            hyps += tokenizer.batch_decode(model.generate_from_embeds(x, mask, num_beams), skip_special_tokens=True)
+    return clinical_scores(refs, hyps, parse_findings), P.detach()
+
+
 def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3, seed=0, cfg=None) -> list[float]:
     """Pre-train the demo's ViT-MAE on the *training* images and save it with save_pretrained; returns
     the training loss of every step. Opt-in (`python demo.py encoder`, then `train.py --vision
@@ -528,8 +585,13 @@ if __name__ == "__main__":
     enc.add_argument("--out", default="demo_data/vit_mae")
     ceiling = sub.add_parser("ceiling", help="clinical F1 of what the frozen demo LLM writes when told the true "
                              "findings: the bound on the demo model's")
-    ceiling.add_argument("--split", default="val", choices=("train", "val", "test"))
-    for command in (enc, ceiling):
+    bound = sub.add_parser("prefix", help="clinical F1 of what the frozen demo LLM writes from a prefix learned "
+                           "from the true labels (no image): per position, or --shared by all visual tokens")
+    bound.add_argument("--shared", action="store_true", help="every visual token the same vector")
+    bound.add_argument("--steps", type=int, default=500)
+    for command in (ceiling, bound):
+        command.add_argument("--split", default="val", choices=("train", "val", "test"))
+    for command in (enc, ceiling, bound):
         command.add_argument("--data_dir", default="demo_data", help="made first (as python train.py does) if missing")
     args = p.parse_args()
     llm_dir = os.path.join(args.data_dir, "llm")
@@ -538,7 +600,12 @@ if __name__ == "__main__":
     if args.command == "encoder":
         pretrain_demo_encoder(args.data_dir, args.out, steps=args.steps)
         print(f"demo encoder pre-trained and saved to {args.out} in {time.time() - t0:.0f} s")
-    else:
+    elif args.command == "ceiling":
         scores = llm_ceiling(args.data_dir, llm_dir, args.split)
         print(f"{llm_dir} told the true findings of the {args.split} reports ({time.time() - t0:.0f} s): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    else:
+        scores, _ = label_prefix_bound(args.data_dir, llm_dir, args.shared, args.split, args.steps)
+        kind = "one vector shared by all visual tokens" if args.shared else "one vector per visual token"
+        print(f"{llm_dir} from a prefix learned from the true findings ({kind}, {args.steps} steps), "
+              f"{args.split} split ({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -352,3 +353,26 @@ def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(
     demo.pretrain_demo_encoder(root, str(tmp_path / "enc"), steps=1, batch_size=2, cfg=cfg, seed=1)  # a rerun replaces it
     again = M.build_vision(M.Config(vision=str(tmp_path / "enc"), vision_layers=1))
     assert not torch.equal(again.vit.embeddings.cls_token, loaded.vit.embeddings.cls_token)
+
+
+def test_label_prefix_is_per_token_or_shared_and_learns_each_finding_from_its_reports(demo_root, tmp_path):
+    # demo.label_prefix_bound: the README's bound on a visual prefix linear in the findings
+    import model as M
+
+    llm = str(tmp_path / "llm")
+    demo.pretrain_demo_llm(demo_root, llm, steps=1, batch_size=2, seq_len=16)
+    n_tokens = (M.Config().image_size // M.Config().patch_size) ** 2
+    run = dict(batch_size=8, num_beams=1, split="test")
+    _, shared = demo.label_prefix_bound(demo_root, llm, shared=True, steps=2, **run)
+    _, P0 = demo.label_prefix_bound(demo_root, llm, steps=0, **run)        # the initial blocks
+    scores, P = demo.label_prefix_bound(demo_root, llm, steps=4, **run)
+    assert shared.shape[:2] == (len(demo.LABELS), 1) and P.shape[:2] == (len(demo.LABELS), n_tokens)
+    assert not (P == P[:, :1]).all()                            # one vector per visual token, not tied
+    assert 0 <= scores["f1"] <= 1 and {"precision", "recall"} <= scores.keys()
+    # The constant block learns, and so do (some of) the blocks of findings that training reports have;
+    # a finding no training report has (the val/test reports may) keeps its initial block.
+    train = [data.clean_report_mimic_cxr(e["report"]) for e in json.load(open(demo_root / "annotation.json"))["train"]]
+    seen = {j for j, label in enumerate(demo.LABELS[1:], 1) if any(label in demo.parse_findings(r) for r in train)}
+    moved = {j for j in range(len(demo.LABELS)) if not torch.equal(P0[j], P[j])}
+    assert len(seen) < len(demo.LABELS) - 1, "the fixture should leave some finding out of its 20 training reports"
+    assert 0 in moved and len(moved) > 2 and moved - {0} <= seen
