@@ -589,6 +589,7 @@ if __name__ == "__main__":
                            "from the true labels (no image): per position, or --shared by all visual tokens")
     bound.add_argument("--shared", action="store_true", help="every visual token the same vector")
     bound.add_argument("--steps", type=int, default=500)
+    bound.add_argument("--lr", type=float, default=1e-3)
     for command in (ceiling, bound):
         command.add_argument("--split", default="val", choices=("train", "val", "test"))
     for command in (enc, ceiling, bound):
@@ -605,7 +606,7 @@ if __name__ == "__main__":
         print(f"{llm_dir} told the true findings of the {args.split} reports ({time.time() - t0:.0f} s): "
               + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     else:
-        scores, _ = label_prefix_bound(args.data_dir, llm_dir, args.shared, args.split, args.steps)
+        scores, _ = label_prefix_bound(args.data_dir, llm_dir, args.shared, args.split, args.steps, lr=args.lr)
         kind = "one vector shared by all visual tokens" if args.shared else "one vector per visual token"
-        print(f"{llm_dir} from a prefix learned from the true findings ({kind}, {args.steps} steps), "
+        print(f"{llm_dir} from a prefix learned from the true findings ({kind}, {args.steps} steps at lr {args.lr:g}), "
               f"{args.split} split ({time.time() - t0:.0f} s): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
