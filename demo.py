@@ -347,6 +347,38 @@ LLM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=4, max_position_embeddings=512)
 
 
+def split_reports(data_dir, split: str):
+    """A demo split's records (data.load_annotation) and their reports, cleaned as data.py cleans the
+    demo's (MIMIC-CXR's rules)."""
+    from data import clean_report_mimic_cxr, load_annotation
+
+    records = load_annotation(os.path.join(data_dir, "annotation.json"), split, os.path.join(data_dir, "images"))
+    return records, [clean_report_mimic_cxr(r.report) for r in records]
+
+
+def finding_matrix(reports: list[str]):
+    """(n, 8) float tensor: 1 where parse_findings finds LABELS[1:] in a report (no_finding is "none")."""
+    import torch
+
+    return torch.tensor([[float(f in parse_findings(r)) for f in LABELS[1:]] for r in reports])
+
+
+def _cosine(lr: float, step: int, steps: int) -> float:
+    """Cosine decay from lr to 0 over `steps` (the demo's pre-training runs)."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def _save_whole(out_dir, *parts) -> None:
+    """save_pretrained each part (model, tokenizer) into a temporary dir, then rename it over out_dir:
+    never half a model, and a rerun replaces the earlier one."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
 def keywords(report: str) -> str:
     """The findings of a report as tag words, one word per finding, in LABELS order, e.g.
     "cardiomegaly effusion_left support_device" ("no_finding" when there is none).
@@ -374,12 +406,9 @@ def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from data import clean_report_mimic_cxr, load_annotation
     from model import Config
 
-    records = load_annotation(os.path.join(data_dir, "annotation.json"), "train",
-                              os.path.join(data_dir, "images"))
-    reports = [clean_report_mimic_cxr(r.report) for r in records]
+    _, reports = split_reports(data_dir, "train")
     cfg = Config()
     extra = [cfg.prompt_v2t, cfg.prompt_v2t_after, cfg.prompt_t2v, "view: frontal.", "view: lateral.",
              "views: frontal, lateral.", " ".join(LABELS)]     # the last: the tag words of keywords()
@@ -399,19 +428,15 @@ def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128,
     llm.train()
     for step in range(steps):
         ids = rows[torch.randint(len(rows), (batch_size,), generator=g)]
-        for group in opt.param_groups:                                    # cosine decay
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = _cosine(lr, step, steps)
         loss = llm(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             print(f"demo LLM pre-training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
-    tmp = out_dir.rstrip("/") + ".tmp"             # saved whole, then renamed: never half a model
-    shutil.rmtree(tmp, ignore_errors=True)
-    llm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    _save_whole(out_dir, llm, tokenizer)
     return loss.item()
 
 
@@ -423,22 +448,34 @@ def llm_ceiling(data_dir="demo_data", llm_dir="demo_data/llm", split="val", num_
     the validation split with the default pre-training; 0.721 with the earlier keyword phrases)."""
     import torch
 
-    from data import clean_report_mimic_cxr, load_annotation
     from evaluate import clinical_scores
-    from model import Config, ReportGenerator, load_frozen_llm, load_tokenizer
 
-    records = load_annotation(os.path.join(data_dir, "annotation.json"), split, os.path.join(data_dir, "images"))
-    refs = [clean_report_mimic_cxr(r.report) for r in records]
-    cfg = Config(llm=llm_dir, t2v=False, rec=False)
-    tokenizer = load_tokenizer(llm_dir)
-    model = ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer).eval()
+    _, refs = split_reports(data_dir, split)
+    model, tokenizer = _frozen_v2t_model(llm_dir)
     hyps = []
     for ref in refs:                     # one at a time: the number of tags varies
         tags = torch.tensor(tokenizer(keywords(ref), add_special_tokens=False).input_ids)
-        prefix = model._v2t_prefix(model._embed(tags)[None])                  # (1, P + n_tags + P', dL)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long)
-        hyps += tokenizer.batch_decode(model.generate_from_embeds(prefix, mask, num_beams), skip_special_tokens=True)
+        hyps += _write(model, tokenizer, model._embed(tags)[None], num_beams)
     return clinical_scores(refs, hyps, parse_findings)
+
+
+def _frozen_v2t_model(llm_dir):
+    """The V2T-only model around the frozen LLM of llm_dir (its vision encoder is built but unused)."""
+    from model import Config, ReportGenerator, load_frozen_llm, load_tokenizer
+
+    cfg = Config(llm=llm_dir, t2v=False, rec=False)
+    tokenizer = load_tokenizer(llm_dir)
+    return ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer).eval(), tokenizer
+
+
+def _write(model, tokenizer, E_v, num_beams) -> list[str]:
+    """The reports the frozen LLM writes after [S_v2t, E_v, S_v2t_after], E_v (B, n, dL) in place of
+    the visual tokens."""
+    import torch
+
+    prefix = model._v2t_prefix(E_v)
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long)
+    return tokenizer.batch_decode(model.generate_from_embeds(prefix, mask, num_beams), skip_special_tokens=True)
 
 
 def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=False, split="val", steps=500,
@@ -454,18 +491,15 @@ def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=Fal
     README ("Status") for what each reaches."""
     import torch
 
-    from data import clean_report_mimic_cxr, load_annotation, report_targets
+    from data import report_targets
     from evaluate import clinical_scores
-    from model import Config, ReportGenerator, load_frozen_llm, load_tokenizer
 
-    cfg = Config(llm=llm_dir, t2v=False, rec=False)
-    tokenizer = load_tokenizer(llm_dir)
-    model = ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
+    model, tokenizer = _frozen_v2t_model(llm_dir)
+    cfg = model.cfg
 
     def reports_and_labels(split):  # (n,) cleaned reports, (n, 9): a constant 1, then each finding
-        records = load_annotation(os.path.join(data_dir, "annotation.json"), split, os.path.join(data_dir, "images"))
-        reports = [clean_report_mimic_cxr(r.report) for r in records]
-        return reports, torch.tensor([[1.0] + [float(f in parse_findings(r)) for f in LABELS[1:]] for r in reports])
+        reports = split_reports(data_dir, split)[1]
+        return reports, torch.cat([torch.ones(len(reports), 1), finding_matrix(reports)], 1)
 
     n_tokens = (cfg.image_size // cfg.patch_size) ** 2                # Np: the prefix has E_v's shape
     W = model.llm.get_input_embeddings().weight
@@ -481,8 +515,8 @@ def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=Fal
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(len(reports), (batch_size,), generator=g)
-        for group in opt.param_groups:                                    # cosine decay
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = _cosine(lr, step, steps)
         ids, mask = report_targets(tokenizer, [reports[i] for i in idx], cfg.max_report_tokens)
         loss = model.loss_v2t(prefix(y[idx]), ids, mask)
         loss.backward()
@@ -492,9 +526,7 @@ def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=Fal
     hyps = []
     with torch.no_grad():
         for s in range(0, len(refs), cfg.eval_batch_size):
-            x = model._v2t_prefix(prefix(y[s:s + cfg.eval_batch_size]))
-            mask = torch.ones(x.shape[:2], dtype=torch.long)
-            hyps += tokenizer.batch_decode(model.generate_from_embeds(x, mask, num_beams), skip_special_tokens=True)
+            hyps += _write(model, tokenizer, prefix(y[s:s + cfg.eval_batch_size]), num_beams)
     return clinical_scores(refs, hyps, parse_findings), P.detach()
 
 
@@ -515,14 +547,12 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
     import torch.nn.functional as F
     import torchvision.transforms.functional as TF
 
-    from data import clean_report_mimic_cxr, image_transform, load_annotation, load_image
+    from data import image_transform, load_image
     from model import Config, build_vision
 
     cfg = cfg or Config()
-    records = load_annotation(os.path.join(data_dir, "annotation.json"), "train", os.path.join(data_dir, "images"))
-    findings = LABELS[1:]                       # no_finding is "none of them"
-    y = torch.tensor([[float(f in parse_findings(clean_report_mimic_cxr(r.report))) for f in findings]
-                      for r in records])       # (n, 8)
+    records, reports = split_reports(data_dir, "train")
+    y = finding_matrix(reports)                 # (n, 8)
     # every image decoded once, at the training pipeline's resize (kept grey: a third of the memory)
     images = [TF.resize(load_image(os.path.join(data_dir, "images", r.image_paths[0])), cfg.resize).convert("L")
               for r in records]
@@ -534,7 +564,7 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
 
     torch.manual_seed(seed)
     mae = build_vision(cfg)
-    head = torch.nn.Linear(cfg.vision_width, len(findings))
+    head = torch.nn.Linear(cfg.vision_width, y.shape[1])
     params = [p for p in [*mae.vit.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
@@ -543,8 +573,8 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
     losses = []
     for step in range(steps):
         idx = [rng.randrange(len(images)) for _ in range(batch_size)]
-        for group in opt.param_groups:                                    # cosine decay
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = _cosine(lr, step, steps)
         z = mae.vit(pixel_values=batch(idx), noise=order.expand(batch_size, -1)).last_hidden_state[:, 1:]
         loss = F.binary_cross_entropy_with_logits(head(z.mean(1)), y[idx])
         losses.append(loss.item())
@@ -553,11 +583,7 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=3000, batch_size=16, lr=1e-3,
         opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == steps - 1:
             print(f"demo encoder pre-training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
-    tmp = out_dir.rstrip("/") + ".tmp"             # saved whole, then renamed (over an earlier one)
-    shutil.rmtree(tmp, ignore_errors=True)
-    mae.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    _save_whole(out_dir, mae)
     return losses
 
 
@@ -583,6 +609,8 @@ if __name__ == "__main__":
                          "(about 2 min on 2 CPU cores); use it with train.py --vision OUT")
     enc.add_argument("--steps", type=int, default=3000)
     enc.add_argument("--out", default="demo_data/vit_mae")
+    enc.add_argument("--lr", type=float, default=1e-3)
+    enc.add_argument("--vision_width", type=int, default=64, help="dv of the encoder built (the tiny preset's 64)")
     ceiling = sub.add_parser("ceiling", help="clinical F1 of what the frozen demo LLM writes when told the true "
                              "findings: the bound on the demo model's")
     bound = sub.add_parser("prefix", help="clinical F1 of what the frozen demo LLM writes from a prefix learned "
@@ -599,7 +627,9 @@ if __name__ == "__main__":
     ensure_demo(args.data_dir, llm_dir)
     t0 = time.time()
     if args.command == "encoder":
-        pretrain_demo_encoder(args.data_dir, args.out, steps=args.steps)
+        from model import Config
+        pretrain_demo_encoder(args.data_dir, args.out, steps=args.steps, lr=args.lr,
+                              cfg=Config(vision_width=args.vision_width))
         print(f"demo encoder pre-trained and saved to {args.out} in {time.time() - t0:.0f} s")
     elif args.command == "ceiling":
         scores = llm_ceiling(args.data_dir, llm_dir, args.split)
