@@ -8,7 +8,8 @@ Scoring generated reports and reproducing the paper's evaluation:
   is not is reported as skipped, with the reason and how to provide it; nothing is downloaded);
 - a clinical-label F1 for the demo (its analogue of CheXbert F1) and two trivial baselines that
   every table should be read against;
-- Figure 4: the distance of every visual embedding E_v to the nearest word embedding of the LLM.
+- Figure 4: the distance of every visual embedding E_v to the nearest word embedding of the LLM, and
+  how alike the visual tokens of each study are.
 
     python evaluate.py --ckpt out/demo/best.pt                                  # generate and score a split
     python evaluate.py --distance out/demo_v2t/best.pt out/demo/best.pt --out out/figure4   # Figure 4
@@ -778,8 +779,22 @@ def nearest_word_distances(E: torch.Tensor, W: torch.Tensor, chunk: int = 4096, 
 
 
 @torch.no_grad()
-def visual_word_distances(model, dataset, collate, cfg, device, autocast=None, batch_size=None) -> torch.Tensor:
-    """The nearest-word distance of every visual embedding E_v of every study of `dataset`: (n * Np,).
+def token_alikeness(E_v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How alike the Np visual tokens of each study are, E_v (B, Np, dL) -> (B,) each:
+    "norm", the tokens' mean norm; "mean_share", the share of their energy sum_i |E_v,i|^2 in the
+    study's mean token (Np |mean|^2 / sum_i |E_v,i|^2: 1 when all tokens are equal, 0 when they cancel);
+    "cosine", the mean cosine between two different tokens of the study."""
+    E = E_v.float()
+    Np = E.shape[1]
+    u = F.normalize(E, dim=-1).sum(1).pow(2).sum(-1)                    # |sum_i E_i/|E_i||^2 = Np + pairs
+    return {"norm": E.norm(dim=-1).mean(1),
+            "mean_share": Np * E.mean(1).pow(2).sum(-1) / E.pow(2).sum((1, 2)),
+            "cosine": (u - Np) / (Np * (Np - 1))}
+
+
+def visual_word_distances(model, dataset, collate, cfg, device, autocast=None, batch_size=None):
+    """The nearest-word distance of every visual embedding E_v of every study of `dataset`, (n * Np,),
+    and token_alikeness of every study, {name: (n,)}.
 
     E_v is computed as generation computes it (same autocast), and compared with the frozen LLM's input
     word-embedding matrix, the space E_v is fed into (Sec. 4, "Visualisation"; Figure 4)."""
@@ -788,13 +803,14 @@ def visual_word_distances(model, dataset, collate, cfg, device, autocast=None, b
                         num_workers=cfg.num_workers)
     was_training = model.training
     model.eval()
-    out = []
+    out, alike = [], []
     for batch in tqdm(loader, desc="visual embeddings", unit="batch", leave=False):
         with autocast or nullcontext():
             E_v = model.visual_embeddings(batch["pixel_values"].to(device))   # (B, Np, dL)
         out.append(nearest_word_distances(E_v.flatten(0, 1), W).cpu())        # (B * Np,)
+        alike.append({k: v.cpu() for k, v in token_alikeness(E_v).items()})
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out), {k: torch.cat([a[k] for a in alike]) for k in alike[0]}
 
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -841,13 +857,17 @@ def figure4(ckpt_paths: list[str], split: str, out_dir: str, device, data_dir=No
         model, cfg, tokenizer, text_tokenizer = load_model(path, device, data_dir=data_dir, llm=llm)
         ds, collate, _, _ = split_dataset(cfg, split, tokenizer, text_tokenizer)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        d = visual_word_distances(model, ds, collate, cfg, device, autocast, batch_size).numpy()
+        d, alike = visual_word_distances(model, ds, collate, cfg, device, autocast, batch_size)
+        d = d.numpy()
         label = f"{branches(cfg)}: {path}"
         distances[label] = d
         stats[label] = {"checkpoint": os.path.abspath(path), "branches": branches(cfg), "split": split,
-                        "studies": len(ds), "visual_tokens_per_study": len(d) // len(ds), **distance_stats(d)}
+                        "studies": len(ds), "visual_tokens_per_study": len(d) // len(ds), **distance_stats(d),
+                        "tokens": {k: float(v.mean()) for k, v in alike.items()}}   # means over studies
+        t = stats[label]["tokens"]
         print(f"{label}: {len(d)} visual embeddings, mean {stats[label]['mean']:.4f}, "
-              f"median {stats[label]['median']:.4f}")
+              f"median {stats[label]['median']:.4f}; per study: token norm {t['norm']:.3f}, "
+              f"energy in the mean token {t['mean_share']:.3f}, cosine between tokens {t['cosine']:.3f}")
         del model
     os.makedirs(out_dir, exist_ok=True)
     png, js = os.path.join(out_dir, f"figure4_{split}.png"), os.path.join(out_dir, f"figure4_{split}.json")

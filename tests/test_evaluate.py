@@ -74,6 +74,20 @@ def checkpoints(tmp_path_factory, llm_dir, tokenizer):
     return paths
 
 
+def test_token_alikeness_known_cases():
+    v = torch.tensor([3.0, 4.0, 0.0])
+    same = v.expand(1, 4, 3)                                    # one vector repeated: norm 5
+    cancel = torch.stack([v, -v, 2 * v, -2 * v])[None]           # tokens that sum to zero
+    orth = torch.eye(3)[None] * 2                               # three orthogonal tokens of norm 2
+    a = evaluate.token_alikeness(torch.cat([same[:, :3], orth]))
+    assert a["norm"].tolist() == pytest.approx([5.0, 2.0])
+    assert a["mean_share"].tolist() == pytest.approx([1.0, 1 / 3])   # 3 |(2,2,2)/3|^2 / 12
+    assert a["cosine"].tolist() == pytest.approx([1.0, 0.0])
+    c = evaluate.token_alikeness(cancel)
+    assert c["mean_share"].item() == pytest.approx(0.0, abs=1e-7)
+    assert c["cosine"].item() == pytest.approx(-1 / 3)          # 2 like pairs (+1), 4 opposite (-1) of 6
+
+
 def test_figure4_command_writes_histogram_and_stats(checkpoints, tmp_path):
     evaluate.main(["--distance", checkpoints["v2t"], checkpoints["full"], "--split", "test", "--out", str(tmp_path)])
     stats = json.loads((tmp_path / "figure4_test.json").read_text())
@@ -88,6 +102,8 @@ def test_figure4_command_writes_histogram_and_stats(checkpoints, tmp_path):
     assert v2t["studies"] == 3 and v2t["visual_tokens_per_study"] == 4 and v2t["count"] == 12  # (64 / 32)^2
     assert v2t["mean"] == pytest.approx(np.mean(expected), rel=1e-5)
     assert v2t["median"] == pytest.approx(np.median(expected), rel=1e-5)
+    alike = evaluate.token_alikeness(E_v)                       # per study, averaged over the 3
+    assert v2t["tokens"] == pytest.approx({k: v.mean().item() for k, v in alike.items()}, rel=1e-5)
     full = next(s for s in stats.values() if s["branches"] != "V2T")
     assert full["mean"] != pytest.approx(v2t["mean"])       # the two checkpoints were really both read
     png = tmp_path / "figure4_test.png"
