@@ -735,8 +735,8 @@ def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, to
         metrics[name] = caption_scores(refs, h, meteor=meteor)
         metrics[name].update(table2_scores(refs, h, scorers, cache))
         if labeller is not None:
-            metrics[name].update({f"clinical_{k}": v for k, v in clinical_scores(refs, h, labeller).items()
-                                  if "/" not in k})
+            # the table prints the micro P/R/F1; metrics_<split>.json also keeps each finding's F1
+            metrics[name].update({f"clinical_{k}": v for k, v in clinical_scores(refs, h, labeller).items()})
     speed = "scored from saved predictions"
     if gen_seconds:
         metrics["model"]["reports_per_second"] = len(rows) / gen_seconds
