@@ -39,8 +39,8 @@ class Config:
     data_dir: str = "demo_data"      # holds annotation.json and images/ (R2Gen release layout)
     annotation: str = ""             # file in data_dir; "" = annotation_views.json (views added) if present, else annotation.json
     images_per_study: int = 1        # K: IU-Xray studies carry a frontal and a lateral image, MIMIC-CXR entries one
-    resize: int = 256                # Sec. 4.1: shorter edge resized to 256 ...
-    image_size: int = 224            # ... then a 224 x 224 crop (random for training, centre for evaluation)
+    resize: int = 128                # Sec. 4.1: shorter edge resized to 256 (paper preset; the CPU demo: 128) ...
+    image_size: int = 112            # ... then a 224 x 224 crop (demo: 112), random for training, centre for evaluation
     max_report_tokens: int = 60      # training reports are truncated to this many LLM tokens (references never are)
     max_text_tokens: int = 64        # text-encoder input (report + view sentence) length cap
     # --- frozen LLM (vision-to-text decoder and text-to-vision generator)
@@ -48,8 +48,8 @@ class Config:
     llm_dtype: str = "float32"       # bfloat16 at full size: the LLM is frozen, so its weights never need fp32
     # --- vision encoder / decoder (ViT-MAE; or Swin, R2GenGPT's backbone, for Table 4)
     backbone: str = "mae"            # mae | swin (Swin has no decoder: rec must be off)
-    vision: str = ""                 # Hub id or local dir of ViTMAEForPreTraining / SwinModel; "" = random from below
-    patch_size: int = 32             # tiny: 7 x 7 = 49 visual tokens per image keeps the CPU demo fast
+    vision: str = "demo_data/vit_mae"  # Hub id or local dir of ViTMAEForPreTraining / SwinModel; "" = random from below
+    patch_size: int = 16             # tiny: 7 x 7 = 49 visual tokens per 112 x 112 image keeps the CPU demo fast
     vision_width: int = 64           # dv (Swin: the width of its last stage)
     vision_layers: int = 2           # (Swin: the depth of its third stage; the others have 2 blocks)
     vision_heads: int = 4            # attention heads per encoder layer
@@ -70,7 +70,7 @@ class Config:
     lambda_rec: float = 1.0          # lambda2 in Eq. 3
     lambda_clip: float = 1.0         # weight of the CLIP loss when clip is on (the paper gives none)
     clip_dim: int = 512              # footnote 4: both sides projected to 512 dimensions
-    t2v_readout: str = "hidden"      # E_g: "hidden" = last hidden state (the spec); "word" = expected word embedding
+    t2v_readout: str = "word"        # E_g from the last hidden state: "word" = its expected word embedding, "hidden" = itself
     t2v_reduction: str = "mean"      # squared error over dL: "mean" (default, see loss_t2v) or "sum" (Eq. 2)
     prompt_v2t: str = "write the findings of this chest x-ray"     # S_v2t, before E_v (the paper does not publish it)
     prompt_v2t_after: str = ":"      # the rest of S_v2t, between E_v and the report (as R2GenGPT's "<Img>E_v</Img> ...")
@@ -148,7 +148,7 @@ def paper(**overrides) -> Config:
         text_encoder="Salesforce/blip-image-captioning-base",
         text_tokenizer="Salesforce/blip-image-captioning-base", **BLIP_BASE_TEXT,
         grad_checkpointing=True, one_llm_pass=True, batch_size=4, eval_batch_size=16, lr=1e-4, num_workers=8,
-        max_text_tokens=128,
+        max_text_tokens=128, resize=256, image_size=224,
     )
     cfg.update(PAPER_DATASETS.get(overrides.get("dataset", "mimic_cxr"), {}))
     if overrides.get("backbone") == "swin":

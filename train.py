@@ -345,12 +345,13 @@ def main(argv=None):
             print0(f"removed {path}: a checkpoint that a killed run left half-written")
 
     if cfg.dataset == "demo":
-        # The demo makes its data, pre-trains its frozen LLM (never on test reports) and labels every
+        # The demo makes its data, pre-trains its frozen LLM (never on test reports) and its ViT-MAE (on
+        # training images; cfg.vision, demo_data/vit_mae by default, "" = a random encoder) and labels every
         # image's view with a classifier trained on training images (Sec. 3), the first time only.
         if master:
             import demo
             import view_classifier
-            demo.ensure_demo(cfg.data_dir, cfg.llm)
+            demo.ensure_demo(cfg.data_dir, cfg.llm, vision_dir=cfg.vision if cfg.backbone == "mae" else None, cfg=cfg)
             view_classifier.ensure_views(cfg.data_dir, labels="demo")
         if world > 1:
             dist.barrier()

@@ -21,7 +21,7 @@ def main(llm_dir):
     tokenizer = load_tokenizer(llm_dir)
     for name, flags in ABLATIONS.items():
         torch.manual_seed(0)
-        cfg = Config(llm=llm_dir, **flags)
+        cfg = Config(llm=llm_dir, vision="", **flags)
         model = ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
         trained = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
         ddp = DDP(model)

@@ -46,9 +46,9 @@ def test_flop_formula_equals_torch_flop_counter(t2v, rec, checkpointing, one_pas
 def test_flop_formula_by_hand_on_the_tiny_preset():
     """V2T only, 1 study, a 10-token report, no checkpointing; every size written out."""
     model = tiny_model(t2v=False, rec=False, grad_checkpointing=False)
-    N, T_vit = (224 // 32) ** 2, 1 + (224 // 32) ** 2                 # 49 patches, + CLS
+    N, T_vit = (112 // 16) ** 2, 1 + (112 // 16) ** 2                 # 49 patches, + CLS
     vit_layer = 4 * 64 * 64 + 2 * 64 * 256                            # q, k, v, o; fc1, fc2 (dv 64, 4x MLP)
-    vision = (4 * (3 * 32 * 32 * 64) * N                              # patch embedding: no input gradient
+    vision = (4 * (3 * 16 * 16 * 64) * N                              # patch embedding: no input gradient
               + 6 * 2 * vit_layer * T_vit                              # 2 trained layers
               + 3 * 4 * T_vit ** 2 * 64 * 2)                           # attention, forward + 2x backward
     mapper = 6 * 64 * 128 * N                                          # dv -> dL
@@ -94,7 +94,7 @@ def test_full_and_v2t_only_generation_make_the_same_llm_calls():
     full = tiny_model(t2v=True, rec=True).eval()
     twin = bench.v2t_twin(full, "cpu").eval()
     assert not hasattr(twin, "text_encoder") and not hasattr(twin, "vision_decoder")
-    pixels = torch.randn(3, 1, 3, 224, 224)
+    pixels = torch.randn(3, 1, 3, 112, 112)
     calls = {}
     for name, m in (("full", full), ("V2T", twin)):
         seen = calls[name] = []

@@ -43,7 +43,7 @@ def train_weights(root, out, nproc, *extra):
     """train.py's trained weights after 2 epochs x 2 steps of global batch 8, on `nproc` processes."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", "--nproc_per_node", str(nproc)]
-    args = ["--data_dir", str(root), "--llm", str(root / "llm"), "--out_dir", str(out), "--epochs", "2",
+    args = ["--data_dir", str(root), "--llm", str(root / "llm"), "--vision", "", "--out_dir", str(out), "--epochs", "2",
             "--batch_size", "8", "--lr", str(LR), "--eval_batch_size", "2", "--num_workers", "0",
             "--max_new_tokens", "2", "--ckpt_every", "0", "--log_every", "100", *extra]
     # one thread per process in both runs (torchrun's default for 2 processes)

@@ -64,7 +64,7 @@ def checkpoints(tmp_path_factory, llm_dir, tokenizer):
     demo.make_demo_dataset(root / "data", n_train=4, n_val=1, n_test=3, seed=5)
     paths = {}
     for name, branches in (("v2t", dict(t2v=False, rec=False)), ("full", {})):
-        cfg = tiny(data_dir=str(root / "data"), llm=llm_dir, resize=64, image_size=64, eval_batch_size=2,
+        cfg = tiny(data_dir=str(root / "data"), llm=llm_dir, vision="", resize=64, image_size=64, eval_batch_size=2,
                    num_workers=0, max_new_tokens=6, out_dir=str(root / name), **branches)
         torch.manual_seed(len(paths))
         model = ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
@@ -99,7 +99,7 @@ def test_figure4_command_writes_histogram_and_stats(checkpoints, tmp_path):
         E_v = model.visual_embeddings(torch.stack([ds[i]["pixel_values"] for i in range(len(ds))]))  # (3, 4, dL)
     expected = brute_force_nearest(E_v.flatten(0, 1), model.llm.get_input_embeddings().weight)
     v2t = next(s for s in stats.values() if s["branches"] == "V2T")
-    assert v2t["studies"] == 3 and v2t["visual_tokens_per_study"] == 4 and v2t["count"] == 12  # (64 / 32)^2
+    assert v2t["studies"] == 3 and v2t["visual_tokens_per_study"] == 16 and v2t["count"] == 48  # (64 / 16)^2
     assert v2t["mean"] == pytest.approx(np.mean(expected), rel=1e-5)
     assert v2t["median"] == pytest.approx(np.median(expected), rel=1e-5)
     alike = evaluate.token_alikeness(E_v)                       # per study, averaged over the 3

@@ -59,7 +59,7 @@ def dataset(tmp_path_factory):
 
 def run_args(root, llm_dir, out, *extra):
     return ["--preset", "tiny", "--dataset", "mimic", "--data_dir", str(root), "--annotation", "annotation.json",
-            "--llm", llm_dir, "--out_dir", str(out), "--resize", "64", "--image_size", "64", "--epochs", "2",
+            "--llm", llm_dir, "--vision", "", "--out_dir", str(out), "--resize", "64", "--image_size", "64", "--epochs", "2",
             "--batch_size", "4", "--eval_batch_size", "4", "--num_workers", "0", "--max_new_tokens", "2",
             "--num_beams", "1", "--ckpt_every", "1", "--log_every", "1", *extra]
 
@@ -343,7 +343,7 @@ def test_checkpoint_of_another_preset_or_ablation_is_refused():
     cfg = M.tiny()
     with pytest.raises(train.RunError, match="t2v: checkpoint False vs now True"):
         train.check_same_model(cfg, _config(t2v=False), "x.pt")
-    with pytest.raises(train.RunError, match=r"patch_size: checkpoint 16 vs now 32.*vision_width: checkpoint 1024"):
+    with pytest.raises(train.RunError, match=r"vision: checkpoint 'facebook/vit-mae-large' vs now 'demo_data/vit_mae'.*vision_width: checkpoint 1024"):
         train.check_same_model(cfg, {**_config(), **M.paper().__dict__}, "x.pt")
     train.check_same_model(cfg, _config(lr=1.0, epochs=99), "x.pt")       # training settings may differ
     ckpt = {"config": _config(batch_size=8), "loop": {"n_train": 16}}
@@ -410,7 +410,7 @@ def test_unknown_and_mistyped_options_are_refused_listing_the_valid_ones(capsys)
     assert "--epoch -> --epochs?" in err
     assert "valid options: --annotation --backbone --batch_size" in err and " --weight_decay" in err
     for bad in (["--epochs", "two"], ["--lr", "fast"], ["--t2v", "maybe"], ["--dataset", "chexpert"],
-                ["--resize", "200"]):                     # a 224 crop from a 200-pixel edge
+                ["--resize", "100"]):                     # a 112 crop from a 100-pixel edge
         with pytest.raises(SystemExit):
             train.parse_args(bad)
         assert "error: " in capsys.readouterr().err

@@ -9,7 +9,7 @@ from model import ReportGenerator, left_align, load_frozen_llm, tiny
 
 def build(llm_dir, tokenizer, **overrides):
     torch.manual_seed(0)
-    cfg = tiny(llm=llm_dir, **overrides)
+    cfg = tiny(llm=llm_dir, vision="", **overrides)     # a random encoder, not the demo's
     return ReportGenerator(cfg, load_frozen_llm(cfg), tokenizer)
 
 
@@ -25,7 +25,7 @@ def batch(tokenizer, B=2, K=1, seed=0):
     report_mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in ids])
     report_ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in ids])
     text = tokenizer([r + " view : frontal ." for r in reports], padding=True, return_tensors="pt")
-    return dict(pixel_values=torch.randn(B, K, 3, 224, 224, generator=g), report_ids=report_ids,
+    return dict(pixel_values=torch.randn(B, K, 3, 112, 112, generator=g), report_ids=report_ids,
                 report_mask=report_mask, text_ids=text.input_ids, text_mask=text.attention_mask)
 
 
@@ -71,8 +71,8 @@ def test_t2v_alignment_is_shifted_by_one(llm_dir, tokenizer):
     """With an 'LLM' whose hidden state is its input plus delta, the right alignment (the position just
     before visual token i predicts E_v,i; padding never sits between the text and E_v) makes L_TVC exactly
     zero for E_v,i = E_v,0 + i*delta and a last text embedding of E_v,0 - delta. Any off-by-one or a pad
-    position used as a predictor gives a large loss."""
-    model = build(llm_dir, tokenizer, rec=False)
+    position used as a predictor gives a large loss. (The hidden readout: E_g is the hidden state.)"""
+    model = build(llm_dir, tokenizer, rec=False, t2v_readout="hidden")
     dL, Np = model.llm.config.hidden_size, 6
     delta, v0 = torch.randn(dL), torch.randn(dL)
     E_v = (v0 + torch.arange(Np).unsqueeze(1) * delta).expand(2, Np, dL).clone()
@@ -156,8 +156,8 @@ def test_visual_tokens_are_in_natural_patch_order(llm_dir, tokenizer):
             for lin in (layer.attention.o_proj, layer.mlp.fc2):
                 lin.weight.zero_()
                 lin.bias.zero_()
-    x = torch.randn(1, 1, 3, 224, 224)
-    p, per_row = model.patch_size, 224 // model.patch_size
+    x = torch.randn(1, 1, 3, 112, 112)
+    p, per_row = model.patch_size, 112 // model.patch_size
     for i in (0, 9, 30, 48):
         y = x.clone()
         r, c = divmod(i, per_row)
@@ -173,28 +173,28 @@ def test_a_random_vit_mae_knows_where_each_patch_is():
     must give the encoder and the decoder MAE's 2-D sin-cos tables. Then the same patch content at two
     places gives two different visual tokens (with zero tables it gave the same one)."""
     from model import build_vision
-    mae = build_vision(tiny())
+    mae = build_vision(tiny(vision=""))
     for table in (mae.vit.embeddings.position_embeddings[0, 1:], mae.decoder.decoder_pos_embed[0, 1:]):
         assert not table.requires_grad
         assert table.norm(dim=-1).min() > 1.0                        # sin-cos rows have norm sqrt(d / 2)
         assert torch.cdist(table, table).fill_diagonal_(1.0).min() > 1e-3  # every patch has its own row
     model = ReportGenerator.__new__(ReportGenerator)
     torch.nn.Module.__init__(model)
-    model.cfg, model.vision_encoder, model.patch_size = tiny(), mae.vit, mae.config.patch_size
-    z = model.encode_image(torch.zeros(1, 1, 3, 224, 224))[0]           # every patch the same content
+    model.cfg, model.vision_encoder, model.patch_size = tiny(vision=""), mae.vit, mae.config.patch_size
+    z = model.encode_image(torch.zeros(1, 1, 3, 112, 112))[0]           # every patch the same content
     assert (z[0] - z[48]).abs().max() > 1e-2
 
 
 def test_patchify_matches_mae(llm_dir, tokenizer):
     from model import build_vision
     model = build(llm_dir, tokenizer, t2v=False)
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, 112, 112)
     assert torch.equal(model.patchify(x), build_vision(model.cfg).patchify(x))
 
 
 def test_reconstruction_of_a_constant_image_is_learnable(llm_dir, tokenizer):
     model = build(llm_dir, tokenizer, t2v=False)
-    x = torch.full((2, 1, 3, 224, 224), 0.7)
+    x = torch.full((2, 1, 3, 112, 112), 0.7)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
     first = None
@@ -283,12 +283,14 @@ def test_one_llm_pass_gives_the_losses_and_gradients_of_two_passes(llm_dir, toke
 
 def test_word_readout_puts_E_g_in_the_word_embedding_space(llm_dir, tokenizer):
     """t2v_readout="word": E_g is the expected word embedding of the LLM's next-token distribution,
-    a convex combination of rows of the input embedding matrix (the default reads the hidden state)."""
-    model = build(llm_dir, tokenizer, t2v_readout="word")
+    a convex combination of rows of the input embedding matrix (the default); "hidden" reads the hidden
+    state itself."""
+    model = build(llm_dir, tokenizer)
+    assert model.cfg.t2v_readout == "word"
     h = torch.randn(2, 3, model.llm.config.hidden_size)
     W = model.llm.get_input_embeddings().weight
     expected = torch.softmax(model.llm.lm_head(h), -1) @ W
     assert torch.allclose(model._read_E_g(h), expected, atol=1e-6)
     assert (model._read_E_g(h) - h).abs().max() > 1e-3             # not the hidden state itself
-    default = build(llm_dir, tokenizer)
-    assert torch.equal(default._read_E_g(h), h)                    # the default reads the hidden state
+    hidden = build(llm_dir, tokenizer, t2v_readout="hidden")
+    assert torch.equal(hidden._read_E_g(h), h)

@@ -101,7 +101,7 @@ def hub_name(key, table):
 
 
 def test_vit_mae_checkpoint_with_hub_names_loads_every_weight(tmp_path):
-    small = M.Config(vision_layers=2, decoder_layers=2)
+    small = M.Config(vision="", vision_layers=2, decoder_layers=2)
     torch.manual_seed(2)
     ref = M.build_vision(small)
     with torch.no_grad():                                   # make every weight distinguishable from an init
@@ -187,14 +187,14 @@ ABLATIONS = {
     "v2t+clip": dict(t2v=False, rec=False, clip=True),
     "v2t+t2v": dict(t2v=True, rec=False),
     "v2t+t2v+rec": dict(t2v=True, rec=True),
-    "swin+t2v": dict(backbone="swin", t2v=True, rec=False, patch_size=4),
+    "swin+t2v": dict(backbone="swin", t2v=True, rec=False, patch_size=2),   # 112 / 2 / 8: 7 x 7 tokens
 }
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_every_trainable_parameter_of_each_ablation_gets_a_gradient(name, tokenizer, llm_dir):
     torch.manual_seed(0)
-    cfg = M.Config(llm=llm_dir, **ABLATIONS[name])
+    cfg = M.Config(llm=llm_dir, vision="", **ABLATIONS[name])
     model = M.ReportGenerator(cfg, M.load_frozen_llm(cfg), tokenizer)
     losses = model(**make_batch(tokenizer))
     expected = {"v2t", "loss"} | {k for k in ("t2v", "rec", "clip") if ABLATIONS[name].get(k)}
@@ -206,15 +206,15 @@ def test_every_trainable_parameter_of_each_ablation_gets_a_gradient(name, tokeni
 
 
 def test_swin_visual_tokens_are_its_last_stage_grid(tokenizer, llm_dir):
-    cfg = M.Config(llm=llm_dir, **ABLATIONS["swin+t2v"])
+    cfg = M.Config(llm=llm_dir, vision="", **ABLATIONS["swin+t2v"])
     model = M.ReportGenerator(cfg, M.load_frozen_llm(cfg), tokenizer)
-    z = model.encode_image(torch.randn(2, 2, 3, 224, 224))   # two images per study (IU-Xray)
-    assert z.shape == (2, 2 * 49, 64)                       # 224 / 4 / 8 = 7 x 7 per image, concatenated
+    z = model.encode_image(torch.randn(2, 2, 3, 112, 112))   # two images per study (IU-Xray)
+    assert z.shape == (2, 2 * 49, 64)                       # 112 / 2 / 8 = 7 x 7 per image, concatenated
 
 
 def test_clip_loss_prefers_matching_pairs(tokenizer, llm_dir):
     torch.manual_seed(0)
-    cfg = M.Config(llm=llm_dir, **ABLATIONS["v2t+clip"])
+    cfg = M.Config(llm=llm_dir, vision="", **ABLATIONS["v2t+clip"])
     model = M.ReportGenerator(cfg, M.load_frozen_llm(cfg), tokenizer)
     b = make_batch(tokenizer)
     ids, mask = b["report_ids"], b["report_mask"]                # two different reports

@@ -12,15 +12,16 @@ import train
 
 @pytest.fixture(scope="module")
 def mini_demo(tmp_path_factory):
-    """A 32/8/8-study demo with a briefly pre-trained LLM (seconds, not minutes)."""
+    """A 32/8/8-study demo with a briefly pre-trained LLM and ViT-MAE (seconds, not minutes)."""
     root = tmp_path_factory.mktemp("demo")
     demo.make_demo_dataset(root, n_train=32, n_val=8, n_test=8, seed=3)
     demo.pretrain_demo_llm(root, str(root / "llm"), steps=10, batch_size=4)
+    demo.pretrain_demo_encoder(root, str(root / "vit_mae"), steps=2, batch_size=4)
     return root
 
 
 def args(root, out, *extra):
-    return ["--data_dir", str(root), "--llm", str(root / "llm"), "--out_dir", str(out), "--epochs", "2",
+    return ["--data_dir", str(root), "--llm", str(root / "llm"), "--vision", str(root / "vit_mae"), "--out_dir", str(out), "--epochs", "2",
             "--batch_size", "8", "--eval_batch_size", "8", "--num_workers", "0", "--max_new_tokens", "8",
             "--ckpt_every", "2", "--log_every", "100", *extra]
 
