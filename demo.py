@@ -290,28 +290,41 @@ def parse_findings(report: str) -> frozenset[str]:
 # the dataset on disk
 
 
-def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0) -> None:
+def _write_study(task) -> tuple[dict, str]:
+    """Draw, write and report one study: (annotation entry, view). Its own generator, seeded by its
+    name, makes it the same whatever process draws it and whatever the other splits' sizes."""
+    root, seed, k, split, i = task
+    rng = random.Random(f"demo-{seed}-{split}-{i}")
+    study = sample_study(rng)
+    sid = f"{split}-{i:05d}"
+    path = f"{split}/{sid}.png"
+    render_image(study, rng).save(os.path.join(root, "images", path), compress_level=1)
+    report = write_report(study["findings"], rng)
+    # one patient per study, no id shared between splits (no patient is in two splits), and a split's
+    # ids do not depend on the other splits' sizes
+    num = f"{seed}{k}{i:06d}"
+    return dict(id=sid, study_id=f"s{num}", subject_id=f"p{num}", report=report, image_path=[path],
+                split=split), study["view"]
+
+
+def make_demo_dataset(root, n_train=2000, n_val=200, n_test=300, seed=0, workers=2) -> None:
     """Write root/annotation.json (R2Gen format, no "views" field, like the real release),
     root/images/<split>/<id>.png and root/views.csv (the true view per image: the demo's analogue of
-    MIMIC-CXR's metadata CSV, against which the view classifier can be checked)."""
-    annotation, views = {}, []
-    for k, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+    MIMIC-CXR's metadata CSV, against which the view classifier can be checked). `workers` processes
+    draw the images (the same bytes with any number)."""
+    import multiprocessing
+
+    splits = (("train", n_train), ("val", n_val), ("test", n_test))
+    tasks = [(str(root), seed, k, split, i) for k, (split, n) in enumerate(splits) for i in range(n)]
+    for split, _ in splits:
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
-        annotation[split] = []
-        for i in range(n):
-            # one generator per study: changing n_train does not change the val and test sets
-            rng = random.Random(f"demo-{seed}-{split}-{i}")
-            study = sample_study(rng)
-            sid = f"{split}-{i:05d}"
-            path = f"{split}/{sid}.png"
-            render_image(study, rng).save(os.path.join(root, "images", path), compress_level=1)
-            report = write_report(study["findings"], rng)
-            # one patient per study, no id shared between splits (no patient is in two splits), and a
-            # split's ids do not depend on the other splits' sizes
-            num = f"{seed}{k}{i:06d}"
-            annotation[split].append(dict(id=sid, study_id=f"s{num}", subject_id=f"p{num}",
-                                          report=report, image_path=[path], split=split))
-            views.append((path, study["view"]))
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            done = pool.map(_write_study, tasks, chunksize=32)
+    else:
+        done = [_write_study(t) for t in tasks]
+    annotation = {split: [entry for entry, _ in done if entry["split"] == split] for split, _ in splits}
+    views = [(entry["image_path"][0], view) for entry, view in done]
     with open(os.path.join(root, "views.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("image_path", "view"), *views])
     # the annotation goes last, through a rename, so an interrupted run leaves no half-valid dataset

@@ -359,6 +359,30 @@ def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(
     assert not torch.equal(again.vit.embeddings.cls_token, loaded.vit.embeddings.cls_token)
 
 
+def test_ensure_demo_makes_only_what_is_missing(demo_root, tmp_path, monkeypatch):
+    """python train.py's first run makes the data, the LLM and the ViT-MAE (at cfg's shapes) where the
+    config names them; later runs, or --vision "" (no vision_dir), make nothing more."""
+    import shutil
+
+    import model as M
+
+    root = tmp_path / "d"
+    shutil.copytree(demo_root, root)
+    (root / "llm").mkdir(exist_ok=True)
+    (root / "llm" / "config.json").write_text("{}")              # an LLM is there already
+    made = []
+    monkeypatch.setattr(demo, "pretrain_demo_llm", lambda *a, **k: made.append("llm"))
+    monkeypatch.setattr(demo, "pretrain_demo_encoder", lambda data_dir, out, **k: made.append((out, k["cfg"])))
+    cfg = M.Config(vision_width=32)
+    demo.ensure_demo(root, str(root / "llm"), vision_dir=str(root / "vit_mae"), cfg=cfg)
+    assert made == [(str(root / "vit_mae"), cfg)]
+    (root / "vit_mae").mkdir()
+    (root / "vit_mae" / "config.json").write_text("{}")
+    demo.ensure_demo(root, str(root / "llm"), vision_dir=str(root / "vit_mae"), cfg=cfg)
+    demo.ensure_demo(root, str(root / "llm"), vision_dir="", cfg=cfg)
+    assert len(made) == 1
+
+
 def test_label_prefix_is_per_token_or_shared_and_learns_each_finding_from_its_reports(demo_root, tmp_path):
     # demo.label_prefix_bound: the README's bound on a visual prefix linear in the findings
     import model as M
