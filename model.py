@@ -39,8 +39,8 @@ class Config:
     data_dir: str = "demo_data"      # holds annotation.json and images/ (R2Gen release layout)
     annotation: str = ""             # file in data_dir; "" = annotation_views.json (views added) if present, else annotation.json
     images_per_study: int = 1        # K: IU-Xray studies carry a frontal and a lateral image, MIMIC-CXR entries one
-    resize: int = 128                # Sec. 4.1: shorter edge resized to 256 (paper preset; the CPU demo: 128) ...
-    image_size: int = 112            # ... then a 224 x 224 crop (demo: 112), random for training, centre for evaluation
+    resize: int = 128                # shorter edge resized to this (Sec. 4.1: 256, the paper preset; the CPU demo: half) ...
+    image_size: int = 112            # ... then a square crop (Sec. 4.1: 224), random for training, centre for evaluation
     max_report_tokens: int = 60      # training reports are truncated to this many LLM tokens (references never are)
     max_text_tokens: int = 64        # text-encoder input (report + view sentence) length cap
     # --- frozen LLM (vision-to-text decoder and text-to-vision generator)
@@ -363,6 +363,27 @@ def left_align(x, mask):
     return x, torch.gather(mask, 1, idx)
 
 
+def encode_patches_in_order(vit, x):
+    """The ViT-MAE encoder on every patch of x (B, C, H, W): (B, N, dv), CLS dropped, patch i at row i.
+
+    At mask_ratio 0 ViT-MAE still shuffles the patches by random noise; an increasing ramp keeps them
+    in their natural (raster) order, so visual token i is always patch i."""
+    p = vit.config.patch_size
+    N = (x.shape[-1] // p) * (x.shape[-2] // p)
+    noise = torch.arange(N, device=x.device, dtype=torch.float32).expand(x.shape[0], N)
+    return vit(pixel_values=x, noise=noise).last_hidden_state[:, 1:]
+
+
+def decode_all_patches(decoder, z):
+    """The MAE decoder from the tokens z (B, N, dv) of every patch, in order: (B, N, p*p*C) pixels.
+
+    Its CLS slot gets a zero vector, so nothing but z reaches it; ids_restore is the identity (nothing
+    was shuffled, nothing masked)."""
+    B, N = z.shape[:2]
+    z = torch.cat([z.new_zeros(B, 1, z.shape[-1]), z], 1)              # (B, 1+N, dv)
+    return decoder(z, torch.arange(N, device=z.device).expand(B, N)).logits
+
+
 def position_ids_from_mask(mask):
     """Positions that skip padding, so a padded row computes exactly what it computes alone."""
     return (mask.cumsum(1) - 1).clamp(min=0)
@@ -436,13 +457,8 @@ class ReportGenerator(nn.Module):
         if self.cfg.backbone == "swin":                                # its last stage's tokens, raster order
             z = self.vision_encoder(pixel_values=x).last_hidden_state  # (B*K, N, dv): 7 x 7 at 224
             return z.reshape(B, -1, z.shape[-1])
-        N = (x.shape[-1] // self.patch_size) * (x.shape[-2] // self.patch_size)
-        # At mask_ratio 0 ViT-MAE still shuffles the patches by random noise; an increasing ramp keeps
-        # them in their natural (raster) order, so visual token i is always patch i.
-        noise = torch.arange(N, device=x.device, dtype=torch.float32).expand(x.shape[0], N)
-        z = self.vision_encoder(pixel_values=x, noise=noise).last_hidden_state  # (B*K, 1+N, dv)
-        z = z[:, 1:]                                                   # drop CLS: (B*K, N, dv)
-        return z.reshape(B, K * N, -1)                                 # (B, Np, dv): images in order
+        z = encode_patches_in_order(self.vision_encoder, x)            # (B*K, N, dv)
+        return z.reshape(B, -1, z.shape[-1])                           # (B, Np, dv): images in order
 
     def visual_embeddings(self, pixel_values):
         """E_v = m_v(g_v(I)): (B, K, C, H, W) -> (B, Np, dL), the LLM's input-embedding space."""
@@ -562,16 +578,12 @@ class ReportGenerator(nn.Module):
     def loss_rec(self, E_v, pixel_values):
         """L_REC: pixel MSE of the MAE decoder's reconstruction from E_v alone.
 
-        Z^_v = m'_v(E_v); the decoder expects a CLS token at position 0, for which a zero vector is
-        given, so nothing but E_v reaches the decoder (the encoder's own CLS would be a shortcut around
-        E_v). MAE's built-in loss averages over masked patches only, which is NaN at mask ratio 0."""
+        Z^_v = m'_v(E_v); the decoder's CLS slot gets a zero vector, so nothing but E_v reaches the
+        decoder (the encoder's own CLS would be a shortcut around E_v). MAE's built-in loss averages
+        over masked patches only, which is NaN at mask ratio 0."""
         B, K = pixel_values.shape[:2]
         z = self.rec_mapper(E_v)                                        # (B, Np, dv)
-        z = z.reshape(B * K, -1, z.shape[-1])                           # (B*K, N, dv)
-        z = torch.cat([z.new_zeros(B * K, 1, z.shape[-1]), z], 1)       # (B*K, 1+N, dv)
-        N = z.shape[1] - 1
-        ids_restore = torch.arange(N, device=z.device).expand(B * K, N)  # identity: nothing was shuffled
-        pred = self.vision_decoder(z, ids_restore).logits               # (B*K, N, p*p*C)
+        pred = decode_all_patches(self.vision_decoder, z.reshape(B * K, -1, z.shape[-1]))  # (B*K, N, p*p*C)
         target = self.patchify(pixel_values.flatten(0, 1))              # (B*K, N, p*p*C)
         return F.mse_loss(pred.float(), target.float())
 
