@@ -39,7 +39,8 @@ def demo_root(tmp_path_factory):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(demo_root, tmp_path):
-    demo.make_demo_dataset(tmp_path / "again", n_train=20, n_val=5, n_test=5, seed=0)
+    # demo_root was drawn by 2 processes (the default), "again" by one: the same bytes
+    demo.make_demo_dataset(tmp_path / "again", n_train=20, n_val=5, n_test=5, seed=0, workers=1)
     demo.make_demo_dataset(tmp_path / "other", n_train=20, n_val=5, n_test=5, seed=1)
     a, again, other = _files(demo_root), _files(tmp_path / "again"), _files(tmp_path / "other")
     assert len(a) == 20 + 5 + 5 + 2 and a == again
