@@ -263,6 +263,32 @@ def test_non_finite_gradient_stops_before_the_step(dataset, llm_dir, tmp_path, m
     assert len(steps) == 1 and train.load_checkpoint(out / "last.pt")["loop"]["step"] == 1
 
 
+def test_a_run_that_crashes_with_loader_workers_running_exits(dataset, llm_dir, tmp_path):
+    """An uncaught error in a step (here a simulated CUDA out-of-memory) ends the process with its
+    traceback while the DataLoader's workers are alive. The workers ignore SIGTERM (so a signal to the
+    whole process group lets the step finish); left to the interpreter's exit, which stops children with
+    SIGTERM and waits for them, they kept the crashed run, and torchrun above it, waiting forever."""
+    script = tmp_path / "train_oom_at_step_1.py"
+    script.write_text(f"import runpy, sys, torch\nsys.path.insert(0, {REPO!r})\nimport model\n"
+                      "real, calls = model.ReportGenerator.loss_rec, []\n"
+                      "def rec_oom_at_step_1(self, *a):\n"
+                      "    calls.append(1)\n"
+                      "    if len(calls) == 2:\n"
+                      "        raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+                      "    return real(self, *a)\n"
+                      "model.ReportGenerator.loss_rec = rec_oom_at_step_1\n"
+                      f"runpy.run_path({os.path.join(REPO, 'train.py')!r}, run_name='__main__')\n")
+    args = run_args(dataset, llm_dir, tmp_path / "run", "--num_workers", "1")
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env_without_java(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = proc.communicate(timeout=240)   # ~15 s; before the fix it never returned
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("train.py crashed but did not exit: " + proc.communicate()[0][-2000:])
+    assert proc.returncode == 1 and "OutOfMemoryError: CUDA out of memory (simulated)" in log, log[-2000:]
+
+
 # -----------------------------------------------------------------------------
 # 4. bad data in a run (each case's own check is in test_data.py)
 
