@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, fields
 
 import torch
@@ -302,6 +302,14 @@ def stop_signals(rank):
             signal.signal(s, h)
 
 
+def batches_of(loader):
+    """The loader's batches. Closing this generator (`with closing(...)`, as the training loop does)
+    frees the loader's iterator, which shuts its worker processes down, also when a step raises. They
+    ignore SIGTERM (ignore_stop_signals); left alive in a traceback until interpreter exit, they would
+    be sent SIGTERM there and waited for, forever."""
+    yield from loader
+
+
 def ignore_stop_signals(worker_id):
     # DataLoader workers: a Ctrl-C reaches the whole process group, and a worker that died of it
     # would fail the main process before it reaches the end of the step
@@ -422,86 +430,80 @@ def main(argv=None):
         if start == 0:
             loop["skipped"] = 0                # unreadable training records replaced, this epoch
         order = epoch_indices(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, start)
-        batches = iter(DataLoader(train_ds, batch_size=micro, sampler=order, collate_fn=collate,
-                                  num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals))
+        loader = DataLoader(train_ds, batch_size=micro, sampler=order, collate_fn=collate,
+                            num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals)
         model.train()
         t0 = time.time()
-        try:
-            with stop_signals(rank) as received:
-                for step in range(start, steps_per_epoch):
-                    lr = get_lr(loop["global_step"], total_steps, cfg)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    micro_batches = [next(batches) for _ in range(accum)]
-                    for m in micro_batches:
-                        for problem in m["skipped"]:
-                            print(f"[rank {rank}] skipped a training record (replaced by the next readable one): "
-                                  f"{problem}", flush=True)
+        with stop_signals(rank) as received, closing(batches_of(loader)) as batches:
+            for step in range(start, steps_per_epoch):
+                lr = get_lr(loop["global_step"], total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_batches = [next(batches) for _ in range(accum)]
+                for m in micro_batches:
+                    for problem in m["skipped"]:
+                        print(f"[rank {rank}] skipped a training record (replaced by the next readable one): "
+                              f"{problem}", flush=True)
 
-                    names, raw, weighted = accumulate_gradients(model, micro_batches, cfg.batch_size, world, device,
-                                                                autocast)
-                    # One all-reduce (besides accumulate_gradients' token count) carries the full-batch loss
-                    # terms, whether a process was asked to stop, and how many records were replaced.
-                    local = torch.tensor([float(bool(received)), float(sum(len(m["skipped"]) for m in micro_batches))],
-                                         device=device)
-                    summed = torch.cat([torch.stack(weighted).sum(0), local])
-                    if world > 1:
-                        dist.all_reduce(summed)
-                    terms, stop, skipped = summed[:-2], summed[-2].item() > 0, int(summed[-1].item())
-                    loop["skipped"] += skipped
+                names, raw, weighted = accumulate_gradients(model, micro_batches, cfg.batch_size, world, device,
+                                                            autocast)
+                # One all-reduce (besides accumulate_gradients' token count) carries the full-batch loss
+                # terms, whether a process was asked to stop, and how many records were replaced.
+                local = torch.tensor([float(bool(received)), float(sum(len(m["skipped"]) for m in micro_batches))],
+                                     device=device)
+                summed = torch.cat([torch.stack(weighted).sum(0), local])
+                if world > 1:
+                    dist.all_reduce(summed)
+                terms, stop, skipped = summed[:-2], summed[-2].item() > 0, int(summed[-1].item())
+                loop["skipped"] += skipped
 
-                    if not torch.isfinite(terms).all():
-                        mine = [dict(rank=rank, micro=k, ids=m["ids"], terms={name: round(v, 4) for name, v in
-                                                                              zip(names, raw[k].tolist())})
-                                for k, m in enumerate(micro_batches) if not torch.isfinite(raw[k]).all()]
-                        bad = [d for ds in gather(mine, world) for d in ds]
-                        raise FloatingPointError(
-                            f"non-finite loss at epoch {epoch} step {step} (global step {loop['global_step']}): " +
-                            "; ".join(f"rank {d['rank']} micro-batch {d['micro']}: loss terms {d['terms']}, "
-                                      f"study ids {d['ids']}" for d in bad) +
-                            f". This step was not applied; last good checkpoint: {last_good}")
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    if not torch.isfinite(norm):           # identical on every process: DDP averaged the gradients
-                        ids = [i for ids in gather([i for m in micro_batches for i in m["ids"]], world) for i in ids]
-                        raise FloatingPointError(
-                            f"non-finite gradient norm at epoch {epoch} step {step} (global step {loop['global_step']}) "
-                            f"although the loss is finite ({dict(zip(names, [round(v, 4) for v in terms.tolist()]))}); "
-                            f"study ids {ids}. This step was not applied; last good checkpoint: {last_good}")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loop["global_step"] += 1
+                if not torch.isfinite(terms).all():
+                    mine = [dict(rank=rank, micro=k, ids=m["ids"], terms={name: round(v, 4) for name, v in
+                                                                          zip(names, raw[k].tolist())})
+                            for k, m in enumerate(micro_batches) if not torch.isfinite(raw[k]).all()]
+                    bad = [d for ds in gather(mine, world) for d in ds]
+                    raise FloatingPointError(
+                        f"non-finite loss at epoch {epoch} step {step} (global step {loop['global_step']}): " +
+                        "; ".join(f"rank {d['rank']} micro-batch {d['micro']}: loss terms {d['terms']}, "
+                                  f"study ids {d['ids']}" for d in bad) +
+                        f". This step was not applied; last good checkpoint: {last_good}")
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not torch.isfinite(norm):           # identical on every process: DDP averaged the gradients
+                    ids = [i for ids in gather([i for m in micro_batches for i in m["ids"]], world) for i in ids]
+                    raise FloatingPointError(
+                        f"non-finite gradient norm at epoch {epoch} step {step} (global step {loop['global_step']}) "
+                        f"although the loss is finite ({dict(zip(names, [round(v, 4) for v in terms.tolist()]))}); "
+                        f"study ids {ids}. This step was not applied; last good checkpoint: {last_good}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop["global_step"] += 1
 
-                    if step % cfg.log_every == 0 or step == steps_per_epoch - 1 or stop:
-                        dt = (time.time() - t0) / (step - start + 1)
-                        print0(f"epoch {epoch} step {step}/{steps_per_epoch} loss {terms[0].item():.4f} (" +
-                               " ".join(f"{n} {v:.4f}" for n, v in zip(names[1:], terms[1:].tolist())) +
-                               f") lr {lr:.2e} {dt * 1000:.0f} ms/step {cfg.batch_size / dt:.1f} samples/s" +
-                               (f", {loop['skipped']} unreadable records replaced this epoch" if loop["skipped"] else ""))
-                    if stop:
-                        signum = torch.tensor(received[0] if received else 0, device=device)
-                        if world > 1:
-                            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-                        stopped_by = int(signum.item())
-                        print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
-                        checkpoint_now(epoch, step + 1)
-                        break
-                    if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps_per_epoch:
-                        checkpoint_now(epoch, step + 1)
-                else:
-                    # A signal that came after the last step read the flag would be dropped when the handlers
-                    # are restored: read it once more, on every rank, before leaving them.
+                if step % cfg.log_every == 0 or step == steps_per_epoch - 1 or stop:
+                    dt = (time.time() - t0) / (step - start + 1)
+                    print0(f"epoch {epoch} step {step}/{steps_per_epoch} loss {terms[0].item():.4f} (" +
+                           " ".join(f"{n} {v:.4f}" for n, v in zip(names[1:], terms[1:].tolist())) +
+                           f") lr {lr:.2e} {dt * 1000:.0f} ms/step {cfg.batch_size / dt:.1f} samples/s" +
+                           (f", {loop['skipped']} unreadable records replaced this epoch" if loop["skipped"] else ""))
+                if stop:
                     signum = torch.tensor(received[0] if received else 0, device=device)
                     if world > 1:
                         dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-                    if signum.item():
-                        stopped_by = int(signum.item())
-                        print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
-                        checkpoint_now(epoch, steps_per_epoch)
-        finally:
-            # Stop the loader's workers here, also when a step raises. They ignore SIGTERM (see
-            # ignore_stop_signals), and the exception's traceback would keep this iterator alive until
-            # interpreter exit, where multiprocessing stops its children with SIGTERM and waits: forever.
-            del batches
+                    stopped_by = int(signum.item())
+                    print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
+                    checkpoint_now(epoch, step + 1)
+                    break
+                if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps_per_epoch:
+                    checkpoint_now(epoch, step + 1)
+            else:
+                # A signal that came after the last step read the flag would be dropped when the handlers
+                # are restored: read it once more, on every rank, before leaving them.
+                signum = torch.tensor(received[0] if received else 0, device=device)
+                if world > 1:
+                    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+                if signum.item():
+                    stopped_by = int(signum.item())
+                    print0(f"{signal.Signals(stopped_by).name}: saving a resumable checkpoint")
+                    checkpoint_now(epoch, steps_per_epoch)
         if stopped_by:
             break
         # The epoch's training is saved before validation: a run stopped during validation resumes
