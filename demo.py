@@ -558,7 +558,9 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=1500, batch_size=32, lr=2e-3,
     - to recognise the findings that parse_findings reads from their reports (the demo's analogue of an
       encoder pre-trained on CheXpert labels), by a linear head on the *mean* of the patch tokens, so
       that every token, on its own, learns to speak of the findings (the LLM reads the tokens one by one
-      through the shared visual mapper). The head is thrown away.
+      through the shared visual mapper). The head is thrown away. It never learns the opacities, which
+      lie in one or two tokens (head F1 0.00 on all four zones); a head on all tokens side by side
+      learns them, but the model then reads every finding worse (measured: README, "Status").
     - to reconstruct the image from its tokens through the MAE decoder (rec: the weight of that pixel
       MSE), so the decoder arrives trained, as MAE-large's does. With a random decoder the
       reconstruction branch's first gradients wipe the findings out of the encoder (measured: validation
