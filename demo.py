@@ -420,6 +420,7 @@ def tag_prefix(report: str, words: list[str], n_slots: int, rng: random.Random) 
     word of the report's findings (keywords()) in 1-4 random slots, every other slot a word drawn from
     `words` (the training reports' vocabulary less the tag words: "cardiomegaly" is both)."""
     tags = [tag for tag in keywords(report).split() for _ in range(rng.randint(1, 4))]
+    n_slots = max(n_slots, len(tags))
     slots = [rng.choice(words) for _ in range(n_slots)]
     for pos, tag in zip(rng.sample(range(n_slots), len(tags)), tags):
         slots[pos] = tag
@@ -427,7 +428,7 @@ def tag_prefix(report: str, words: list[str], n_slots: int, rng: random.Random) 
 
 
 def pretraining_rows(tokenizer, reports: list[str], cfg, seq_len: int, rng: random.Random):
-    """The demo LLM's pre-training documents, "<s> S_v2t <Np tag-prefix words> S_v2t_after report </s>",
+    """The demo LLM's pre-training documents, "<s> S_v2t <1..Np tag-prefix words> S_v2t_after report </s>",
     packed back to back and cut into rows of seq_len tokens, as LLMs are pre-trained (the model then
     writes a report starting at any position): (ids, labels), each (R, seq_len); labels are -100 on
     "<s>", the prompt and the prefix, which are not text to learn to write."""
@@ -437,7 +438,8 @@ def pretraining_rows(tokenizer, reports: list[str], cfg, seq_len: int, rng: rand
     words = sorted({w for r in reports for w in r.split()} - set(LABELS))   # not "cardiomegaly"
     ids, labels = [], []
     for report in reports:
-        head = f"{cfg.prompt_v2t} {tag_prefix(report, words, n_slots, rng)} {cfg.prompt_v2t_after}"
+        length = rng.randint(1, n_slots)               # any length up to Np: short prefixes teach the tags
+        head = f"{cfg.prompt_v2t} {tag_prefix(report, words, length, rng)} {cfg.prompt_v2t_after}"
         doc = tokenizer(f"{head} {report}").input_ids
         n_head = 1 + len(tokenizer(head, add_special_tokens=False).input_ids)
         ids += doc
@@ -446,17 +448,18 @@ def pretraining_rows(tokenizer, reports: list[str], cfg, seq_len: int, rng: rand
     return torch.tensor(ids[:n]).view(-1, seq_len), torch.tensor(labels[:n]).view(-1, seq_len)
 
 
-def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128, lr=3e-3, seed=0):
+def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128, lr=2e-3, seed=0):
     """Train a tiny Llama on the demo's *training* reports and save it with save_pretrained.
 
     A frozen random LLM cannot be steered into writing reports through a visual prefix (its loss stays
     near ln(vocab)); Llama-2 was pre-trained on text before the paper froze it, and so is this one. The
     validation and test reports are never seen.
 
-    Each report is written as an instruction-following document: the V2T prompt, then Np (the number
-    of visual tokens) words in which tag words naming the report's findings (read from the report
-    itself) stand among random words from the training reports, then the report ("<prompt> ... lungs
-    effusion_left unremarkable ... support_device ... effusion_left ... : <report>"; tag_prefix).
+    Each report is written as an instruction-following document: the V2T prompt, then 1 to Np (the
+    number of visual tokens) words in which tag words naming the report's findings (read from the
+    report itself) stand among random words from the training reports, then the report ("<prompt> ...
+    lungs effusion_left unremarkable ... support_device ... effusion_left ... : <report>";
+    pretraining_rows, tag_prefix). The loss is on the report only.
     - The demo's reports state each finding independently of the others, so a model trained on the
       bare reports never learns to let earlier words decide a later finding (we measured: a visual
       prefix then cannot steer it, even one computed from the true labels). Llama-2-chat brings that
@@ -464,7 +467,9 @@ def pretrain_demo_llm(data_dir, out_dir, steps=1000, batch_size=16, seq_len=128,
     - The tags stand anywhere among Np words, not right after the prompt, because that is what the
       visual tokens are: Np of them, each looking at one patch, a finding visible in a few. A real LLM
       finds the words that matter anywhere in its context; a tiny one trained on the tags alone did not
-      learn to read them from Np tokens in the model's budget (measured: README, "The demo").
+      learn to read them from Np tokens in the model's budget (measured: README, "The demo"). Prefixes
+      of every length up to Np, rather than Np always, and lr 2e-3 rather than 3e-3 made its learning
+      of every tag more reliable in 1,000 steps (ceilings 0.93-0.94 against 0.79-0.93; README).
     The visual mapper must learn, from pixels alone, to write a prefix that does what the tags do."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -593,7 +598,7 @@ def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=Fal
     return clinical_scores(refs, hyps, parse_findings), P.detach()
 
 
-def pretrain_demo_encoder(data_dir, out_dir, steps=1500, batch_size=32, lr=2e-3, seed=0, cfg=None,
+def pretrain_demo_encoder(data_dir, out_dir, steps=1000, batch_size=32, lr=2e-3, seed=0, cfg=None,
                           rec=1.0) -> list[float]:
     """Pre-train the demo's ViT-MAE, encoder and decoder, on the *training* images and save it with
     save_pretrained; returns the training loss of every step. `python train.py` makes it the first time
@@ -688,7 +693,7 @@ if __name__ == "__main__":
     enc = sub.add_parser("encoder", help="pre-train the demo ViT-MAE (encoder and decoder) on the training "
                          "images (python train.py makes demo_data/vit_mae itself; this remakes it, or another "
                          "one to use with train.py --vision OUT)")
-    enc.add_argument("--steps", type=int, default=1500)
+    enc.add_argument("--steps", type=int, default=1000)
     enc.add_argument("--out", default="demo_data/vit_mae")
     enc.add_argument("--lr", type=float, default=2e-3)
     enc.add_argument("--vision_width", type=int, default=64, help="dv of the encoder built (the tiny preset's 64)")

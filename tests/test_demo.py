@@ -336,17 +336,22 @@ def test_llm_pretraining_names_each_finding_with_one_word(demo_root, tmp_path):
     rows, labels = demo.pretraining_rows(tok, reports, cfg, 64, random.Random(0))
     stream, targets = rows.flatten().tolist(), labels.flatten().tolist()
     prompt = tok(cfg.prompt_v2t, add_special_tokens=False).input_ids
-    after = tok(cfg.prompt_v2t_after, add_special_tokens=False).input_ids
+    (after,) = tok(cfg.prompt_v2t_after, add_special_tokens=False).input_ids
     starts = [i for i, t in enumerate(stream) if t == tok.bos_token_id]
     assert len(starts) > 3 and rows.shape[1] == 64 and tok.unk_token_id not in stream
+    lengths = []
     for i in starts[:-1]:                                                      # whole documents
-        head = 1 + len(prompt) + n_slots + len(after)
-        assert stream[i + 1:i + 1 + len(prompt)] == prompt and stream[i + head - len(after):i + head] == after
-        assert set(targets[i:i + head]) == {-100}
+        assert stream[i + 1:i + 1 + len(prompt)] == prompt
+        head = stream.index(after, i) + 1                                      # S_v2t_after ends the prefix
         end = stream.index(tok.eos_token_id, i)
-        assert targets[i + head:end + 1] == stream[i + head:end + 1]          # the report and </s>: learnt
-        report = tok.decode(stream[i + head:end])
-        assert report in reports and tok.unk_token_id not in stream[i:end]
+        slots = tok.convert_ids_to_tokens(stream[i + 1 + len(prompt):head - 1])
+        report = tok.decode(stream[head:end])
+        assert report in reports and set(slots) <= set(words) | tags
+        assert {t for t in tags if t in slots} == set(demo.keywords(report).split())
+        assert set(targets[i:head]) == {-100}                                 # prompt and prefix: not learnt
+        assert targets[head:end + 1] == stream[head:end + 1]                  # the report and </s>: learnt
+        lengths.append(len(slots))
+    assert max(lengths) <= n_slots and len(set(lengths)) > 1                  # prefixes of 1..Np words
 
 
 def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(demo_root, tmp_path):
