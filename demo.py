@@ -415,10 +415,21 @@ def keywords(report: str) -> str:
     return " ".join(label for label in LABELS if label in found)
 
 
+def n_visual(cfg) -> int:
+    """Np, the number of visual tokens (patches) of cfg's images: the length of E_v."""
+    return (cfg.image_size // cfg.patch_size) ** 2
+
+
+def filler_words(reports: list[str]) -> list[str]:
+    """The words of tag_prefix's other slots: the reports' vocabulary less the tag words
+    ("cardiomegaly" is both). Pre-training and llm_ceiling draw from the same list."""
+    return sorted({w for r in reports for w in r.split()} - set(LABELS))
+
+
 def tag_prefix(report: str, words: list[str], n_slots: int, rng: random.Random) -> str:
-    """The words that stand where E_v stands in a pre-training document: `n_slots` (Np) words, each tag
-    word of the report's findings (keywords()) in 1-4 random slots, every other slot a word drawn from
-    `words` (the training reports' vocabulary less the tag words: "cardiomegaly" is both)."""
+    """The words that stand where E_v stands in a pre-training document: `n_slots` (up to Np) words,
+    each tag word of the report's findings (keywords()) in 1-4 random slots, every other slot a word
+    drawn from `words` (filler_words of the training reports)."""
     tags = [tag for tag in keywords(report).split() for _ in range(rng.randint(1, 4))]
     n_slots = max(n_slots, len(tags))
     slots = [rng.choice(words) for _ in range(n_slots)]
@@ -434,8 +445,7 @@ def pretraining_rows(tokenizer, reports: list[str], cfg, seq_len: int, rng: rand
     "<s>", the prompt and the prefix, which are not text to learn to write."""
     import torch
 
-    n_slots = (cfg.image_size // cfg.patch_size) ** 2
-    words = sorted({w for r in reports for w in r.split()} - set(LABELS))   # not "cardiomegaly"
+    n_slots, words = n_visual(cfg), filler_words(reports)
     ids, labels = [], []
     for report in reports:
         length = rng.randint(1, n_slots)               # any length up to Np: short prefixes teach the tags
@@ -514,10 +524,9 @@ def llm_ceiling(data_dir="demo_data", llm_dir="demo_data/llm", split="val", num_
     from evaluate import clinical_scores
 
     _, refs = split_reports(data_dir, split)
-    _, train_reports = split_reports(data_dir, "train")
-    words = sorted({w for r in train_reports for w in r.split()} - set(LABELS))
+    words = filler_words(split_reports(data_dir, "train")[1])
     model, tokenizer = _frozen_v2t_model(llm_dir)
-    n_slots = (model.cfg.image_size // model.cfg.patch_size) ** 2
+    n_slots = n_visual(model.cfg)
     rng = random.Random(seed)
     ids = torch.tensor([tokenizer(tag_prefix(ref, words, n_slots, rng), add_special_tokens=False).input_ids
                         for ref in refs])                                   # (n, Np): one word per slot
@@ -569,7 +578,7 @@ def label_prefix_bound(data_dir="demo_data", llm_dir="demo_data/llm", shared=Fal
         reports = split_reports(data_dir, split)[1]
         return reports, torch.cat([torch.ones(len(reports), 1), finding_matrix(reports)], 1)
 
-    n_tokens = (cfg.image_size // cfg.patch_size) ** 2                # Np: the prefix has E_v's shape
+    n_tokens = n_visual(cfg)                                          # Np: the prefix has E_v's shape
     W = model.llm.get_input_embeddings().weight
     torch.manual_seed(seed)
     P = torch.nn.Parameter(torch.randn(len(LABELS), 1 if shared else n_tokens, W.shape[1])
