@@ -264,13 +264,16 @@ def image_transform(img, train: bool, rng: random.Random, resize=256, crop=224) 
     The paper crops at random at inference too; we use the centre so evaluation is deterministic.
     No horizontal flip (R2Gen has one): it would swap the patient's left and right, which reports name."""
     img = TF.resize(img, resize)  # an int resizes the shorter edge
-    w, h = img.size
-    if train:
-        top, left = rng.randint(0, h - crop), rng.randint(0, w - crop)
-    else:
-        top, left = round((h - crop) / 2), round((w - crop) / 2)
+    top, left = crop_offsets(img.height, img.width, crop, train, rng)
     x = TF.to_tensor(TF.crop(img, top, left, crop, crop))  # (3, crop, crop) in [0, 1]
     return TF.normalize(x, MEAN, STD)
+
+
+def crop_offsets(h: int, w: int, crop: int, train: bool, rng: random.Random) -> tuple[int, int]:
+    """(top, left) of image_transform's crop of an h x w image: random for training, the centre otherwise."""
+    if train:
+        return rng.randint(0, h - crop), rng.randint(0, w - crop)
+    return round((h - crop) / 2), round((w - crop) / 2)
 
 
 # -----------------------------------------------------------------------------

@@ -355,6 +355,23 @@ def test_llm_pretraining_names_each_finding_with_one_word(demo_root, tmp_path):
     assert max(lengths) <= n_slots and len(set(lengths)) > 1                  # prefixes of 1..Np words
 
 
+def test_encoder_pretraining_crops_as_the_training_pipeline_does():
+    # demo.crop_batch cuts the pre-training's crops from uint8 tensors for speed; they must be what
+    # data.image_transform gives the model in training: the same random draws, the same values.
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 256, (128, w), dtype=np.uint8), "L") for w in (128, 131, 150, 140)]
+    tensors = [TF.pil_to_tensor(im) for im in images]
+    r1, r2 = random.Random(3), random.Random(3)
+    for idx in ([0, 1, 2, 3], [3, 3, 1], [2]):
+        want = torch.stack([data.image_transform(images[i].convert("RGB"), True, r1, 128, 112) for i in idx])
+        got = demo.crop_batch(tensors, idx, 112, r2)
+        assert got.shape == (len(idx), 3, 112, 112) and torch.equal(got, want)
+    assert r1.random() == r2.random()                                       # the same number of draws
+
+
 def test_encoder_pretraining_learns_from_training_images_only_and_loads_by_path(demo_root, tmp_path):
     import shutil
 
