@@ -56,23 +56,28 @@ def _check_pairs(refs: list[str], hyps: list[str]) -> None:
 
 
 def _meteor(gts: dict[int, list[str]],
-            res: dict[int, list[str]]) -> tuple[float | None, str | None]:
-    """Corpus METEOR from the 1.5 jar that pycocoevalcap ships; (None, reason) if it can't run.
+            results: list[dict[int, list[str]]]) -> list[tuple[float | None, str | None]]:
+    """Corpus METEOR of each of `results` (several systems' hypotheses for the same references) from
+    ONE METEOR 1.5 jar, the one pycocoevalcap ships: (score, None), or (None, reason) where it can't run.
+
+    One jar for all of them: its start-up (~7 s, mostly loading the paraphrase table, and the JIT
+    warming up) is paid once, then each 300-report corpus takes ~0.5 s. Each corpus is a complete
+    exchange (a SCORE line per sample, then one EVAL line over their statistics), so a score does not
+    depend on what the jar scored before it (tested: the same numbers as a fresh jar each).
 
     nltk's meteor_score is not a fallback: it is a different METEOR (0.606 vs the jar's 0.329 on
     the same pairs, see NOTES.md), and a number from it would sit in a column next to published
     jar numbers as if it were comparable.
     """
     if shutil.which("java") is None:
-        return None, "java not found on PATH (METEOR 1.5 is a Java jar)"
-    meteor = None
+        return [(None, "java not found on PATH (METEOR 1.5 is a Java jar)")] * len(results)
+    out, meteor = [], None
     try:
-        # a fresh jar per call (~7 s start-up, mostly loading the paraphrase table): the jar talks
-        # over a line protocol, and a process left half-way through an earlier exchange would
-        # answer the next one with the wrong lines
         meteor = Meteor()
-        score, _ = meteor.compute_score(gts, res)
-        return float(score), None
+        for res in results:
+            score, _ = meteor.compute_score(gts, res)
+            out.append((float(score), None))
+        return out
     except Exception as e:  # the jar died, or answered something that is not a score
         reason = f"METEOR 1.5 jar failed: {type(e).__name__}: {e}"
         if meteor is not None:
@@ -80,7 +85,9 @@ def _meteor(gts: dict[int, list[str]],
             java_says = meteor.meteor_p.stderr.read().decode(errors="replace").strip()
             if java_says:
                 reason += f" (java: {java_says[-300:]})"
-        return None, reason
+        # a jar that failed half-way through an exchange would answer the next one with the wrong
+        # lines: the corpora it had not finished get no score, those before keep theirs
+        return out + [(None, reason)] * (len(results) - len(out))
     finally:
         if meteor is not None:
             # pycocoevalcap's compute_score keeps its lock when it raises, and Meteor.__del__
@@ -98,7 +105,14 @@ def _meteor(gts: dict[int, list[str]],
 
 def caption_scores(refs: list[str], hyps: list[str],
                    meteor: bool = True) -> dict[str, float | str | None]:
-    """BLEU_1..4, METEOR, ROUGE_L, CIDEr as the R2Gen literature computes them (paper Sec. 4).
+    """BLEU_1..4, METEOR, ROUGE_L, CIDEr of one system: caption_scores_of(refs, {name: hyps})[name]."""
+    return caption_scores_of(refs, {"hyps": hyps}, meteor)["hyps"]
+
+
+def caption_scores_of(refs: list[str], systems: dict[str, list[str]],
+                      meteor: bool = True) -> dict[str, dict[str, float | str | None]]:
+    """BLEU_1..4, METEOR, ROUGE_L, CIDEr as the R2Gen literature computes them (paper Sec. 4), for each
+    system ({name: hypotheses}) against the same references; METEOR from one jar for all of them.
 
     refs, hyps: cleaned reports ("the heart is normal . no effusion ."), one reference per sample,
     the full reference: truncating references to the model's max length inflates every score and
@@ -117,24 +131,28 @@ def caption_scores(refs: list[str], hyps: list[str],
       token that matches nothing would also give 0 for the sample, but would add one candidate
       word to the corpus precision and change the corpus METEOR; we keep the jar's own answer.
     """
-    _check_pairs(refs, hyps)
+    for hyps in systems.values():
+        _check_pairs(refs, hyps)
     # one space between tokens: Rouge splits on " " (two spaces would make an empty token), and
     # the METEOR jar reads one line per sample (a newline inside a report would desync it)
     gts = {i: [" ".join(r.split())] for i, r in enumerate(refs)}
-    res = {i: [" ".join(h.split())] for i, h in enumerate(hyps)}
-
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: no printed n-gram counts
-    scores: dict[str, float | str | None] = {f"BLEU_{n + 1}": float(b) for n, b in enumerate(bleu)}
-    scores["METEOR"], reason = _meteor(gts, res) if meteor else (None, "skipped (meteor=False)")
-    if reason is not None:
-        scores["METEOR_unavailable"] = reason
-    # ROUGE_L is a macro average: pycocoevalcap scores each pair (LCS F-measure with beta = 1.2,
-    # i.e. recall weighted more than precision) and takes the mean over pairs
-    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    # CIDEr's idf comes from the references being scored, so it depends on the split (and is 0
-    # for a single sample, where every n-gram is in every reference)
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return scores
+    results = [{i: [" ".join(h.split())] for i, h in enumerate(hyps)} for hyps in systems.values()]
+    meteors = _meteor(gts, results) if meteor else [(None, "skipped (meteor=False)")] * len(results)
+    out = {}
+    for name, res, (meteor_score, reason) in zip(systems, results, meteors):
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=0: no printed n-gram counts
+        scores: dict[str, float | str | None] = {f"BLEU_{n + 1}": float(b) for n, b in enumerate(bleu)}
+        scores["METEOR"] = meteor_score
+        if reason is not None:
+            scores["METEOR_unavailable"] = reason
+        # ROUGE_L is a macro average: pycocoevalcap scores each pair (LCS F-measure with beta = 1.2,
+        # i.e. recall weighted more than precision) and takes the mean over pairs
+        scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+        # CIDEr's idf comes from the references being scored, so it depends on the split (and is 0
+        # for a single sample, where every n-gram is in every reference)
+        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        out[name] = scores
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -730,9 +748,8 @@ def evaluate_split(model, cfg, split, records, images_root, cleaner, collate, to
                "nearest training image": nearest_neighbour_reports(small_images(train_ds), train_ds.reports,
                                                                    small_images(ds))}
     scorers = load_scorers(device) if scorers is None else scorers
-    metrics, cache = {}, {}
+    metrics, cache = caption_scores_of(refs, systems, meteor=meteor), {}   # one METEOR jar for the three
     for name, h in systems.items():
-        metrics[name] = caption_scores(refs, h, meteor=meteor)
         metrics[name].update(table2_scores(refs, h, scorers, cache))
         if labeller is not None:
             # the table prints the micro P/R/F1; metrics_<split>.json also keeps each finding's F1

@@ -154,7 +154,7 @@ def test_evaluate_split_scores_bertscore_and_lists_what_it_skipped(checkpoints, 
 
 
 def test_command_line_scores_a_checkpoint_and_times_generation(checkpoints, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "_meteor", lambda gts, res: (None, "stubbed in this test"))  # the jar: 7 s
+    monkeypatch.setattr(evaluate, "_meteor", lambda gts, results: [(None, "stubbed in this test")] * len(results))  # the jar: 7 s
     evaluate.main(["--ckpt", checkpoints["v2t"], "--bertscore_model", MINILM, "--bertscore_layers", "5"])
     metrics = json.loads(open(os.path.join(os.path.dirname(checkpoints["v2t"]), "metrics_test.json")).read())
     assert metrics["model"]["BERTScore_setting"].startswith("model, layer 5")
@@ -167,7 +167,7 @@ def test_command_line_scores_a_checkpoint_and_times_generation(checkpoints, monk
 def test_saved_predictions_are_scored_again_without_generating(checkpoints, monkeypatch):
     """After hours of generation, a scorer installed later must not mean generating again."""
     import csv
-    monkeypatch.setattr(evaluate, "_meteor", lambda gts, res: (None, "stubbed in this test"))
+    monkeypatch.setattr(evaluate, "_meteor", lambda gts, results: [(None, "stubbed in this test")] * len(results))
     out_dir = os.path.dirname(checkpoints["v2t"])
     evaluate.main(["--ckpt", checkpoints["v2t"], "--bertscore_model", MINILM, "--bertscore_layers", "5"])
     rows = evaluate.read_predictions(os.path.join(out_dir, "predictions_test.csv"))

@@ -30,8 +30,8 @@ from rouge_score import rouge_scorer
 
 import evaluate as evaluate_module
 from evaluate import (BERTSCORE_MODEL, CAPTION_KEYS, RADCLIQ_V1_INTERCEPT, BERTScorer, CheXbert, RadGraph,
-                      Unavailable, bertscore_baseline, caption_scores, chexbert_positive, clinical_scores,
-                      format_table, load_scorers, most_frequent_report, nearest_neighbour_reports,
+                      Unavailable, bertscore_baseline, caption_scores, caption_scores_of, chexbert_positive,
+                      clinical_scores, format_table, load_scorers, most_frequent_report, nearest_neighbour_reports,
                       radcliq_v1, radgraph_combined_f1, table2_scores)
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR 1.5 needs java")
@@ -186,15 +186,21 @@ def test_cider_matches_independent_cider_d(pairs, scores):
     assert caption_scores(refs + refs[:10], hyps + hyps[:10], meteor=False)["CIDEr"] != pytest.approx(expected)
 
 
-def test_meteor_matches_jar_with_an_empty_hypothesis(pairs, tmp_path):
+def test_meteor_matches_jar_with_an_empty_hypothesis(pairs, tmp_path, monkeypatch):
     # not skipped without Java: METEOR is part of the metric agreement, and Java is a stated requirement
     assert shutil.which("java") is not None, "METEOR 1.5 needs java on PATH (README: Java 17)"
     refs, hyps = pairs
     refs, hyps = refs + ["the lungs are clear ."], hyps + [""]  # scored as a zero-length candidate
-    ours = caption_scores(refs, hyps)
-    assert ours["METEOR"] is not None, ours.get("METEOR_unavailable")
-    assert 0.0 <= ours["METEOR"] <= 1.0
-    assert ours["METEOR"] == pytest.approx(run_meteor_jar(refs, hyps, tmp_path), abs=1e-9)
+    other = hyps[1:] + hyps[:1]                                  # a second system: every report misplaced
+    jars = []
+    monkeypatch.setattr(evaluate_module, "Meteor", lambda: jars.append(pycoco_meteor.Meteor()) or jars[-1])
+    ours = caption_scores_of(refs, {"a": hyps, "b": other})
+    assert len(jars) == 1                                        # both systems scored by one jar ...
+    for system, h in (("a", hyps), ("b", other)):                # ... each as the jar scores it alone
+        assert ours[system]["METEOR"] is not None, ours[system].get("METEOR_unavailable")
+        assert ours[system]["METEOR"] == pytest.approx(run_meteor_jar(refs, h, tmp_path), abs=1e-9)
+        assert ours[system]["BLEU_4"] == caption_scores(refs, h, meteor=False)["BLEU_4"]
+    assert 0.0 <= ours["b"]["METEOR"] < ours["a"]["METEOR"] <= 1.0
 
 
 def test_meteor_none_without_java(pairs, no_java):
