@@ -357,9 +357,8 @@ def main(argv=None):
         # image's view with a classifier trained on training images (Sec. 3), the first time only.
         if master:
             import demo
-            import view_classifier
-            demo.ensure_demo(cfg.data_dir, cfg.llm, vision_dir=cfg.vision if cfg.backbone == "mae" else None, cfg=cfg)
-            view_classifier.ensure_views(cfg.data_dir, labels="demo")
+            demo.ensure_demo(cfg.data_dir, cfg.llm, vision_dir=cfg.vision if cfg.backbone == "mae" else None,
+                             cfg=cfg, views=True)
         if world > 1:
             dist.barrier()
     ann = annotation_path(cfg.data_dir, cfg.annotation)

@@ -427,6 +427,43 @@ def test_ensure_demo_makes_only_what_is_missing(demo_root, tmp_path, monkeypatch
     assert len(made) == 1
 
 
+def test_ensure_demo_pretrains_the_llm_in_a_second_process_beside_the_encoder(demo_root, tmp_path):
+    """A first run makes the LLM in a second process, with half the threads, while this one makes the
+    ViT-MAE: the LLM is bit for bit the one pretrain_demo_llm makes here with that many threads, the
+    threads are given back, and an error in the second process is raised here."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    import model as M
+
+    root = tmp_path / "d"
+    shutil.copytree(demo_root, root)
+    cfg = M.Config(vision_layers=1)
+    llm_options, encoder_options = dict(steps=3, batch_size=2, seq_len=16), dict(steps=2, batch_size=2)
+    threads = torch.get_num_threads()
+    demo.ensure_demo(root, str(root / "llm"), vision_dir=str(root / "vit_mae"), cfg=cfg,
+                     llm_options=llm_options, encoder_options=encoder_options)
+    assert torch.get_num_threads() == threads
+    assert (root / "vit_mae" / "config.json").exists()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        demo.pretrain_demo_llm(root, str(tmp_path / "here"), **llm_options)
+    finally:
+        torch.set_num_threads(threads)
+    there, here = load_file(root / "llm" / "model.safetensors"), load_file(tmp_path / "here" / "model.safetensors")
+    assert there.keys() == here.keys() and all(torch.equal(there[k], here[k]) for k in there)
+
+    shutil.rmtree(root / "llm")
+    shutil.rmtree(root / "vit_mae")
+    with pytest.raises(RuntimeError):           # rows of a million tokens: none, so nothing to sample
+        demo.ensure_demo(root, str(root / "llm"), vision_dir=str(root / "vit_mae"), cfg=cfg,
+                         llm_options=dict(seq_len=10**6), encoder_options=encoder_options)
+    assert (root / "vit_mae" / "config.json").exists() and not (root / "llm").exists()
+    assert torch.get_num_threads() == threads
+
+
 def test_label_prefix_is_per_token_or_shared_and_learns_each_finding_from_its_reports(demo_root, tmp_path):
     # demo.label_prefix_bound: the README's bound on a visual prefix linear in the findings
     import model as M

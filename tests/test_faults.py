@@ -511,7 +511,7 @@ def test_generated_reports_are_written_before_scoring(dataset, llm_dir, tmp_path
     def scorer_fails(*a, **k):
         raise RuntimeError("a scorer died")
 
-    monkeypatch.setattr(evaluate, "caption_scores", scorer_fails)
+    monkeypatch.setattr(evaluate, "caption_scores_of", scorer_fails)
     monkeypatch.setattr(evaluate, "load_scorers", lambda *a, **k: {})
     with pytest.raises(RuntimeError, match="a scorer died"):
         evaluate.evaluate_split(model, cfg, "test", records, images, data.clean_report_mimic_cxr,
