@@ -714,9 +714,11 @@ def ensure_demo(data_dir="demo_data", llm_dir="demo_data/llm", vision_dir=None, 
     images: when the LLM and something else are both to be made, the LLM is pre-trained in a second
     process while this one makes the rest, each process with half the CPU threads. Small models use
     two threads poorly (one thread runs a step of either at 0.6 times the speed of two), so side by
-    side they finish ~1 minute sooner on 2 cores than one after the other. The weights then come from
-    one-thread arithmetic, which rounds differently from two threads' (a few 1e-5 after 150 steps):
-    `python demo.py encoder` remakes an encoder with all the threads, so not bit for bit this one."""
+    side they finish 45-70 s sooner on 2 cores than one after the other (267 s against about 312, 215
+    against 285, in quick starts at the machine's slower and faster times, 2026-12-01). The weights
+    then come from one-thread arithmetic, which rounds differently from two threads' (a few 1e-5
+    after 150 steps): `python demo.py encoder` remakes an encoder with all the threads, so not bit
+    for bit this one."""
     if not os.path.exists(os.path.join(data_dir, "annotation.json")):
         t0 = time.time()
         make_demo_dataset(data_dir, seed=seed)

@@ -60,10 +60,11 @@ def _meteor(gts: dict[int, list[str]],
     """Corpus METEOR of each of `results` (several systems' hypotheses for the same references) from
     ONE METEOR 1.5 jar, the one pycocoevalcap ships: (score, None), or (None, reason) where it can't run.
 
-    One jar for all of them: its start-up (~7 s, mostly loading the paraphrase table, and the JIT
-    warming up) is paid once, then each 300-report corpus takes ~0.5 s. Each corpus is a complete
-    exchange (a SCORE line per sample, then one EVAL line over their statistics), so a score does not
-    depend on what the jar scored before it (tested: the same numbers as a fresh jar each).
+    One jar for all of them: its start-up (~10 s with the first corpus: loading the paraphrase table,
+    the JIT warming up) is paid once, then each 300-report corpus takes ~0.5 s (measured 2026-12-01).
+    Each corpus is a complete exchange (a SCORE line per sample, then one EVAL line over their
+    statistics), so a score does not depend on what the jar scored before it (tested: the same
+    numbers as a fresh jar each).
 
     nltk's meteor_score is not a fallback: it is a different METEOR (0.606 vs the jar's 0.329 on
     the same pairs, see NOTES.md), and a number from it would sit in a column next to published
@@ -118,7 +119,7 @@ def caption_scores_of(refs: list[str], systems: dict[str, list[str]],
     the full reference: truncating references to the model's max length inflates every score and
     makes it depend on a hyperparameter. Tokens are whitespace tokens of the cleaned text, as in
     R2Gen's compute_scores (no PTB tokenizer). Returns floats; METEOR is None when the jar can't
-    run, with the reason (a str) under "METEOR_unavailable". meteor=False skips the jar's ~7 s
+    run, with the reason (a str) under "METEOR_unavailable". meteor=False skips the jar's ~10 s
     start-up (e.g. per-epoch validation, where only BLEU-4 picks the checkpoint).
 
     Empty hypotheses (a model that emits EOS at once) are scored, never skipped or replaced:
