@@ -641,8 +641,9 @@ def pretrain_demo_encoder(data_dir, out_dir, steps=2000, batch_size=32, lr=2e-3,
       through the shared visual mapper). The head is thrown away. The opacities, a soft blob in one or
       two of the 49 tokens whose zone only its position tells, come last: after 1,000 steps the head
       has not found them (ROC AUC 0.55-0.95 over two runs, F1 0.00), after 2,000 of a 4,000-step
-      schedule it mostly has (AUC 0.81-0.97; throwaway probe without the decoder), and with 2,000 steps instead of 1,000 the model's test
-      clinical F1 rose from 0.725 to 0.793 (6 epochs; README, "Status"). A head on all tokens side
+      schedule it mostly has (AUC 0.81-0.97; throwaway probe without the decoder), and with 2,000
+      steps instead of 1,000 the model's test clinical F1 rose from 0.725 to 0.793 (6 epochs;
+      README, "Status"). A head on all tokens side
       by side finds them in 1,000 steps, but the model reads them no better: the shared visual mapper
       needs each token to say which zone it shows, which a position-specific head never asks.
     - to reconstruct the image from its tokens through the MAE decoder (rec: the weight of that pixel
@@ -714,8 +715,9 @@ def ensure_demo(data_dir="demo_data", llm_dir="demo_data/llm", vision_dir=None, 
     images: when the LLM and something else are both to be made, the LLM is pre-trained in a second
     process while this one makes the rest, each process with half the CPU threads. Small models use
     two threads poorly (one thread runs a step of either at 0.6 times the speed of two), so side by
-    side they finish 45-70 s sooner on 2 cores than one after the other (267 s against about 312, 215
-    against 285, in quick starts at the machine's slower and faster times, 2026-12-01). The weights
+    side they finish sooner than one after the other: this stage took 215-267 s in three quick starts
+    on 2 cores (2026-12-01), against 285 s and about 312 s one after the other (data from the logs of
+    two earlier quick starts; the second's view classifier was not timed). The weights
     then come from one-thread arithmetic, which rounds differently from two threads' (a few 1e-5
     after 150 steps): `python demo.py encoder` remakes an encoder with all the threads, so not bit
     for bit this one."""

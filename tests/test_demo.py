@@ -457,7 +457,7 @@ def test_ensure_demo_pretrains_the_llm_in_a_second_process_beside_the_encoder(de
 
     shutil.rmtree(root / "llm")
     shutil.rmtree(root / "vit_mae")
-    with pytest.raises(RuntimeError):           # rows of a million tokens: none, so nothing to sample
+    with pytest.raises(RuntimeError, match="random_ expects"):   # rows of 1e6 tokens: none to sample
         demo.ensure_demo(root, str(root / "llm"), vision_dir=str(root / "vit_mae"), cfg=cfg,
                          llm_options=dict(seq_len=10**6), encoder_options=encoder_options)
     assert (root / "vit_mae" / "config.json").exists() and not (root / "llm").exists()

@@ -153,8 +153,13 @@ def test_evaluate_split_scores_bertscore_and_lists_what_it_skipped(checkpoints, 
     assert "skipped RadCliQ_v1:" in out and "skipped METEOR: skipped (meteor=False)" in out
 
 
+def no_meteor_jar(gts, results):
+    """evaluate._meteor without starting the jar (~10 s): every corpus unscored, with a reason."""
+    return [(None, "stubbed in this test")] * len(results)
+
+
 def test_command_line_scores_a_checkpoint_and_times_generation(checkpoints, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "_meteor", lambda gts, results: [(None, "stubbed in this test")] * len(results))  # the jar: 7 s
+    monkeypatch.setattr(evaluate, "_meteor", no_meteor_jar)
     evaluate.main(["--ckpt", checkpoints["v2t"], "--bertscore_model", MINILM, "--bertscore_layers", "5"])
     metrics = json.loads(open(os.path.join(os.path.dirname(checkpoints["v2t"]), "metrics_test.json")).read())
     assert metrics["model"]["BERTScore_setting"].startswith("model, layer 5")
@@ -167,7 +172,7 @@ def test_command_line_scores_a_checkpoint_and_times_generation(checkpoints, monk
 def test_saved_predictions_are_scored_again_without_generating(checkpoints, monkeypatch):
     """After hours of generation, a scorer installed later must not mean generating again."""
     import csv
-    monkeypatch.setattr(evaluate, "_meteor", lambda gts, results: [(None, "stubbed in this test")] * len(results))
+    monkeypatch.setattr(evaluate, "_meteor", no_meteor_jar)
     out_dir = os.path.dirname(checkpoints["v2t"])
     evaluate.main(["--ckpt", checkpoints["v2t"], "--bertscore_model", MINILM, "--bertscore_layers", "5"])
     rows = evaluate.read_predictions(os.path.join(out_dir, "predictions_test.csv"))
